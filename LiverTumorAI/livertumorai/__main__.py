@@ -1,0 +1,7 @@
+"""Allow `python -m livertumorai`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,253 @@
+"""Batched network inference over an axial stack, with progress and cancel.
+
+Both functions take a `SlicePreprocessor` and an axial stack in HU (slice, row, column)
+and return results on the stack's rows and columns. Slices run in batches inside
+`torch.inference_mode`; the cancel check runs before every batch, so a cancel takes effect
+within one batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch import nn
+
+from .errors import ConfigurationError, RunCancelledError
+from .preprocess import SlicePreprocessor
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ProgressCallback",
+    "CancelCheck",
+    "PRECISIONS",
+    "select_device",
+    "select_autocast_dtype",
+    "cpu_has_native_bf16",
+    "classify_slices",
+    "gate_slices",
+    "segment_slices",
+    "SegmentationMaps",
+]
+
+ProgressCallback = Callable[[str, int, int, str], None]  # (stage, done, total, message)
+CancelCheck = Callable[[], bool]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_PROBABILITY_SCALE = 255  # probabilities are stored as uint8, 0..255
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """Resolve 'auto', 'cpu', 'cuda', 'gpu' or 'cuda:N' to a torch device.
+
+    Raises:
+        ConfigurationError: a GPU was requested but CUDA is not available, or the name is
+            not a device.
+    """
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "gpu":
+        name = "cuda"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigurationError(f"unknown device {name!r}",
+                                 "Use auto, cpu, gpu, cuda or cuda:N.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigurationError(
+            f"device {name!r} was requested but CUDA is not available on this machine",
+            "Use --device cpu or --device auto.",
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigurationError(f"device {name!r} is not supported", "Use auto, cpu or gpu.")
+    return device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Return True when the CPU has native bfloat16 matrix instructions (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as stream:
+            flags = next((line for line in stream if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def select_autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """Return the autocast dtype for `precision` on `device`, or None for float32.
+
+    'auto' chooses float16 on CUDA, bfloat16 on CPUs with native support, else float32.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigurationError(f"unknown precision {precision!r}",
+                                 f"Use one of {', '.join(PRECISIONS)}.")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigurationError("precision fp16 needs a CUDA device",
+                                     "Use --precision bf16 or fp32 on the CPU.")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _batches(indices: Sequence[int], batch_size: int):
+    for start in range(0, len(indices), batch_size):
+        yield indices[start:start + batch_size]
+
+
+def _check_cancel(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise RunCancelledError("the run was cancelled", "Start it again when ready.")
+
+
+def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def classify_slices(
+    model: nn.Module,
+    stack_hu: np.ndarray,
+    preprocessor: SlicePreprocessor,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int = 32,
+    channels_last: bool = True,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> np.ndarray:
+    """Classify every slice of an axial stack.
+
+    Returns:
+        (slices, 3) float32 softmax probabilities in class order 0 background, 1 tumor,
+        2 no tumor, slices inferior to superior.
+    """
+    model = _prepare_model(model, device, channels_last)
+    indices = list(range(stack_hu.shape[0]))
+    probabilities = np.zeros((len(indices), 3), dtype=np.float32)
+    done = 0
+    with torch.inference_mode():
+        for batch in _batches(indices, batch_size):
+            _check_cancel(cancel)
+            images = preprocessor.images(stack_hu, batch).to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, autocast_dtype):
+                logits = model(images)
+            probabilities[batch] = torch.softmax(logits.float(), dim=1).cpu().numpy()
+            done += len(batch)
+            if progress:
+                progress("classify", done, len(indices), f"classified {done} of {len(indices)} slices")
+    return probabilities
+
+
+def gate_slices(
+    probabilities: np.ndarray,
+    threshold: float,
+    margin_mm: float,
+    slice_spacing_mm: float,
+) -> np.ndarray:
+    """Return the indices of slices that may hold liver, padded by a safety margin.
+
+    A slice qualifies when its liver probability (tumor plus no tumor) reaches `threshold`;
+    qualifying runs are then widened by `margin_mm` on each side, so a missed edge slice of
+    the liver is still segmented.
+    """
+    liver_probability = probabilities[:, 1] + probabilities[:, 2]
+    candidates = liver_probability >= threshold
+    margin_slices = int(np.ceil(margin_mm / max(slice_spacing_mm, 1e-3)))
+    if margin_slices > 0 and candidates.any():
+        candidates = ndimage.binary_dilation(candidates, iterations=margin_slices)
+    return np.flatnonzero(candidates)
+
+
+@dataclass
+class SegmentationMaps:
+    """U-Net output on the axial stack, probabilities stored as uint8 (0..255).
+
+    Attributes:
+        foreground: probability of liver or tumor, (slice, row, column).
+        tumor: probability of tumor, (slice, row, column).
+        segmented_slices: stack indices the network ran on; other slices are zero.
+    """
+
+    foreground: np.ndarray
+    tumor: np.ndarray
+    segmented_slices: np.ndarray
+
+    def labels(self, tumor_threshold: float) -> np.ndarray:
+        """Return uint8 labels: tumor where P(tumor) >= threshold, liver where P(bg) < 0.5."""
+        tumor_cut = int(np.ceil(tumor_threshold * _PROBABILITY_SCALE))
+        half = _PROBABILITY_SCALE // 2
+        tumor = self.tumor >= max(tumor_cut, 1)
+        labels = (self.foreground > half).astype(np.uint8)
+        labels[tumor] = 2
+        return labels
+
+
+def segment_slices(
+    model: nn.Module,
+    stack_hu: np.ndarray,
+    preprocessor: SlicePreprocessor,
+    slice_indices: Sequence[int],
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    batch_size: int = 16,
+    channels_last: bool = True,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCheck | None = None,
+) -> SegmentationMaps:
+    """Run the U-Net on the given slices of an axial stack."""
+    model = _prepare_model(model, device, channels_last)
+    shape = stack_hu.shape
+    foreground = np.zeros(shape, dtype=np.uint8)
+    tumor = np.zeros(shape, dtype=np.uint8)
+    indices = [int(i) for i in slice_indices]
+    done = 0
+    with torch.inference_mode():
+        for batch in _batches(indices, batch_size):
+            _check_cancel(cancel)
+            images = preprocessor.images(stack_hu, batch).to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, autocast_dtype):
+                logits = model(images)
+            probs = torch.softmax(logits.float(), dim=1)
+            restored = preprocessor.restore(probs, fill=(1.0, 0.0, 0.0))
+            scaled = (restored * _PROBABILITY_SCALE).round_().clamp_(0, _PROBABILITY_SCALE)
+            scaled = scaled.to(torch.uint8).cpu().numpy()
+            foreground[batch] = _PROBABILITY_SCALE - scaled[:, 0]
+            tumor[batch] = scaled[:, 2]
+            done += len(batch)
+            if progress:
+                progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")
+    return SegmentationMaps(foreground=foreground, tumor=tumor,
+                            segmented_slices=np.asarray(indices, dtype=np.int64))
+
+
+def default_thread_count() -> int:
+    """Return the number of CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

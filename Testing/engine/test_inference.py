@@ -1,0 +1,141 @@
+"""Device choice, gating and batched inference with progress and cancel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from livertumorai.errors import ConfigurationError, RunCancelledError
+from livertumorai.inference import (
+    classify_slices,
+    gate_slices,
+    segment_slices,
+    select_autocast_dtype,
+    select_device,
+)
+from livertumorai.models import SliceClassifier, UNet2D
+from livertumorai.preprocess import SlicePreprocessor
+from livertumorai.weights import Preprocessing
+
+
+def _stack(num_slices=10):
+    rng = np.random.default_rng(0)
+    stack = np.full((num_slices, 64, 64), -1000.0, dtype=np.float32)
+    stack[:, 10:54, 8:56] = rng.normal(40, 20, (num_slices, 44, 48))
+    return stack
+
+
+def _preprocessor(stack, size=32, context=1):
+    prep = Preprocessing(40, 400, 2.0, (size, size), context, 2.0)
+    return SlicePreprocessor(prep, stack.shape, (2.0, 1.0, 1.0), (32, 32))
+
+
+def test_select_device_auto_and_cpu():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in ("cpu", "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+def test_select_device_gpu_without_cuda():
+    with pytest.raises(ConfigurationError, match="CUDA is not available"):
+        select_device("gpu")
+
+
+def test_select_device_unknown():
+    with pytest.raises(ConfigurationError, match="unknown device 'tpu7'"):
+        select_device("tpu7")
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert select_autocast_dtype(cpu, "fp32") is None
+    assert select_autocast_dtype(cpu, "bf16") is torch.bfloat16
+    with pytest.raises(ConfigurationError, match="fp16 needs a CUDA device"):
+        select_autocast_dtype(cpu, "fp16")
+    with pytest.raises(ConfigurationError, match="unknown precision"):
+        select_autocast_dtype(cpu, "int8")
+
+
+def test_gate_slices_widens_by_margin():
+    probabilities = np.zeros((20, 3), dtype=np.float32)
+    probabilities[:, 0] = 1.0
+    probabilities[10] = (0.2, 0.3, 0.5)
+
+    gated = gate_slices(probabilities, threshold=0.1, margin_mm=4.0, slice_spacing_mm=2.0)
+
+    np.testing.assert_array_equal(gated, [8, 9, 10, 11, 12])
+
+
+def test_gate_slices_none_without_liver():
+    probabilities = np.tile([1.0, 0.0, 0.0], (5, 1)).astype(np.float32)
+
+    assert gate_slices(probabilities, 0.1, 10.0, 2.0).size == 0
+
+
+def test_classify_probabilities_sum_to_one():
+    stack = _stack()
+    model = SliceClassifier(width_divisor=16)
+
+    probabilities = classify_slices(model, stack, _preprocessor(stack), torch.device("cpu"),
+                                    batch_size=4)
+
+    assert probabilities.shape == (10, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_bf16_agrees_with_fp32():
+    torch.manual_seed(0)
+    stack = _stack()
+    model = UNet2D(in_channels=3, features=(4, 8, 16)).eval()
+    preprocessor = _preprocessor(stack)
+
+    fp32 = segment_slices(model, stack, preprocessor, range(10), torch.device("cpu"), None)
+    bf16 = segment_slices(model, stack, preprocessor, range(10), torch.device("cpu"),
+                          torch.bfloat16)
+
+    assert np.abs(fp32.foreground.astype(int) - bf16.foreground.astype(int)).mean() < 3
+
+
+def test_segment_only_requested_slices():
+    stack = _stack()
+    model = UNet2D(in_channels=3, features=(4, 8, 16))
+
+    maps = segment_slices(model, stack, _preprocessor(stack), [2, 3], torch.device("cpu"))
+
+    assert maps.foreground.shape == stack.shape
+    assert not maps.foreground[[0, 1, 4, 5, 6, 7, 8, 9]].any()
+    np.testing.assert_array_equal(maps.segmented_slices, [2, 3])
+
+
+def test_cancel_stops_within_one_batch():
+    stack = _stack(12)
+    model = UNet2D(in_channels=3, features=(4, 8, 16))
+    calls = []
+
+    def progress(stage, done, total, message):
+        calls.append(done)
+
+    with pytest.raises(RunCancelledError):
+        segment_slices(model, stack, _preprocessor(stack), range(12), torch.device("cpu"),
+                       batch_size=4, progress=progress, cancel=lambda: len(calls) >= 1)
+
+    assert calls == [4]
+
+
+def test_labels_from_maps_apply_threshold():
+    stack = _stack(2)
+    model = UNet2D(in_channels=3, features=(4, 8, 16))
+    maps = segment_slices(model, stack, _preprocessor(stack), [0, 1], torch.device("cpu"))
+    maps.foreground[:] = 0
+    maps.tumor[:] = 0
+    maps.foreground[0, 5, 5] = 200
+    maps.tumor[0, 5, 5] = 100
+    maps.foreground[0, 6, 6] = 200
+
+    labels = maps.labels(tumor_threshold=0.3)
+
+    assert labels[0, 5, 5] == 2
+    assert labels[0, 6, 6] == 1
+    assert labels.sum() == 3
+    assert maps.labels(tumor_threshold=0.5)[0, 5, 5] == 1
