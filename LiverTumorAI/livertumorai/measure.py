@@ -33,8 +33,8 @@ __all__ = [
 
 _MM3_PER_ML = 1000.0
 
-# Decimals kept by Measurements.to_dict: 0.001 mL is 1 mm3, well below one voxel of a
-# clinical CT; percentages to 0.01; lengths and coordinates to 0.01 mm.
+# Decimals kept by to_dict. Volumes keep 0.001 mL (1 mm3, the order of one CT voxel),
+# percentages keep 0.01, and lengths and coordinates keep 0.01 mm.
 _VOLUME_DECIMALS = 3
 _PERCENT_DECIMALS = 2
 _LENGTH_DECIMALS = 2
@@ -52,8 +52,8 @@ class Lesion:
             maximum Feret diameter, in mm, measured between pixel centres (see
             :func:`measure`).
         centroid_ras: mean position of the lesion's voxel centres, RAS, in mm.
-        slice_range: (first, last) index, inclusive, along the input array axis that runs
-            inferior-superior, of the slices the lesion touches; first <= last.
+        slice_range: (first, last) index, inclusive and with first <= last, along the
+            input array axis that runs inferior-superior, of the slices the lesion touches.
         voxel_count: number of voxels.
     """
 
@@ -140,13 +140,13 @@ def measure(labels_zyx: np.ndarray, geometry: ImageGeometry, frame: AxialFrame) 
     Volumes are voxel counts times the voxel volume. Centroids are the mean voxel index,
     mapped to RAS through the image geometry (so direction and origin are honoured).
 
-    The longest axial diameter is measured on the axial stack (``frame.to_axial``): in
+    The longest axial diameter is measured on the axial stack (``frame.to_axial``). In
     each slice the lesion's pixel centres are placed at (row, column) times the in-plane
     spacing in mm, and the largest distance between two of them is found from the
-    vertices of their convex hull. The convention is centre to centre: no pixel width is
-    added, so a lesion one pixel wide in every slice measures 0 mm and a disc of radius
-    r measures slightly less than 2r. Two pixels, or pixels on one line, are measured
-    directly without a hull. The result is the maximum over slices.
+    vertices of their convex hull. The convention is centre to centre, with no pixel
+    width added. So a lesion of one pixel in every slice measures 0 mm, and a disc of
+    radius r measures slightly less than 2r. Two pixels, or pixels on one line, are
+    measured directly without a hull. The result is the maximum over slices.
 
     Args:
         labels_zyx: integer label map in (z, y, x) order with values 0, 1, 2, on the grid
@@ -293,8 +293,8 @@ def _max_feret_diameter_mm(
     """Return the largest centre-to-centre distance between two pixels of a 2-D mask, in mm.
 
     Only the first and last pixel of each row can be hull vertices, so the hull is built
-    from those. Fewer than three points, or points on one line, make Qhull fail; the
-    maximum is then taken over all pairs of those (few) points.
+    from those. Qhull fails on fewer than three points or on points along one line, and
+    then the maximum is taken over all pairs of those (few) points.
     """
     rows = np.flatnonzero(np.any(mask_2d, axis=1))
     if rows.size == 0:
@@ -329,6 +329,6 @@ def _check_labels(labels_zyx: np.ndarray) -> None:
         )
     if labels_zyx.size and (labels_zyx.min() < LABEL_BACKGROUND or labels_zyx.max() > LABEL_TUMOR):
         raise ValueError(
-            f"labels_zyx holds values from {labels_zyx.min()} to {labels_zyx.max()}, but only "
+            f"labels_zyx contains values from {labels_zyx.min()} to {labels_zyx.max()}, but only "
             "0 (background), 1 (liver) and 2 (tumor) are allowed."
         )

@@ -2,10 +2,12 @@
 
 Label maps are uint8 arrays in NumPy (z, y, x) order on the input grid, with the values
 of :mod:`livertumorai.constants`: 0 background, 1 liver (liver tissue outside tumors),
-2 tumor. Every step works on boolean masks cropped to the bounding box of the liver, and
-the steps that need more memory (connected-component labels, distance transforms) run in
-slabs along the first array axis, so a 512x512x300 volume post-processes with a few
-hundred MB of extra memory rather than several GB.
+2 tumor. The steps work on boolean masks cropped to the bounding box of the liver, and
+component ids are counted and renumbered in slabs. The distance rule for tumor outside
+the liver searches a k-d tree of liver surface voxels instead of running a distance
+transform over the volume. A 512x512x300 test volume whose crop is the whole volume
+(test_full_size_volume_memory) needs about 300 MB above its input, most of it for the
+int32 component ids.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ __all__ = [
     "label_components_by_size",
 ]
 
-# Largest number of voxels per slab when component labels (int32) are counted or mapped
-# through a lookup table; NumPy casts the labels to int64 for that, 8 bytes per voxel.
+# Largest number of voxels per slab when component ids (int32) are counted or mapped
+# through a lookup table. NumPy casts the ids to int64 for that, 8 bytes per voxel.
 _LOOKUP_MAX_VOXELS = 4_000_000
 
 # Slack for float rounding when a distance is compared with the tolerance, in mm.
@@ -45,7 +47,7 @@ class PostprocessOptions:
 
     Attributes:
         min_lesion_volume_mm3: tumor components (26-connected) with a smaller volume are
-            relabelled as liver.
+            relabelled as liver, or as background when they touch no liver tissue.
         tumor_outside_liver_tolerance_mm: tumor voxels outside the largest liver component
             are kept when their centre lies within this distance of the centre of a voxel
             of that component, and dropped when farther.
@@ -139,9 +141,9 @@ def postprocess_labels(
        ``tumor_outside_liver_tolerance_mm`` of the kept component and become background
        otherwise. The distance is the Euclidean distance in mm from the voxel centre to
        the nearest voxel centre of the kept component, with each axis scaled by its
-       spacing in ``spacing_mm_zyx``, so anisotropic spacing is respected (an exact
-       nearest-neighbour search, equal to a distance transform sampled at that spacing).
-       A voxel exactly at the tolerance is kept. Without step 2 every tumor voxel is
+       spacing in ``spacing_mm_zyx``, so anisotropic spacing is respected. It comes from
+       an exact nearest-neighbour search and equals a distance transform sampled at that
+       spacing. A voxel exactly at the tolerance is kept. Without step 2 every tumor voxel is
        part of the whole liver and this step does nothing.
     4. With ``fill_holes``, holes in the whole liver are filled, and the filled voxels
        become liver: first 3-D holes (background not connected to the border of the
@@ -178,7 +180,7 @@ def postprocess_labels(
 
     region = bounding_box(labels_zyx > LABEL_BACKGROUND)
     if region is None:
-        logger.info("Post-processing: the label map holds no liver; the result is empty.")
+        logger.info("Post-processing: the label map contains no liver, so the result is empty.")
         return np.zeros(labels_zyx.shape, dtype=np.uint8)
     cropped = labels_zyx[region]
     logger.debug(
@@ -232,14 +234,14 @@ def _check_inputs(
     if not isinstance(labels_zyx, np.ndarray) or labels_zyx.ndim != 3:
         shape = getattr(labels_zyx, "shape", type(labels_zyx).__name__)
         raise ValueError(f"labels_zyx must be a 3-D NumPy array, got {shape}.")
-    if not np.issubdtype(labels_zyx.dtype, np.integer) and labels_zyx.dtype != np.bool_:
+    if not np.issubdtype(labels_zyx.dtype, np.integer):
         raise ValueError(
             f"labels_zyx must hold integer labels 0, 1, 2, got dtype {labels_zyx.dtype}; "
             "convert a probability map with argmax first."
         )
     if labels_zyx.size and (labels_zyx.min() < LABEL_BACKGROUND or labels_zyx.max() > LABEL_TUMOR):
         raise ValueError(
-            f"labels_zyx holds values from {labels_zyx.min()} to {labels_zyx.max()}, but only "
+            f"labels_zyx contains values from {labels_zyx.min()} to {labels_zyx.max()}, but only "
             f"{LABEL_BACKGROUND} (background), {LABEL_LIVER} (liver) and {LABEL_TUMOR} (tumor) "
             "are allowed."
         )
@@ -318,7 +320,7 @@ def _fill_liver_and_tumor_holes(
         )
 
     # A hole enclosed by tumor is also enclosed by the whole liver, so the filled tumor
-    # stays inside the filled liver; the `&` only guards that invariant.
+    # stays inside the filled liver. The `&` only guards that invariant.
     filled_tumor = _fill_holes_3d_and_slices(tumor, slice_axis_zyx) & filled_liver
     added_tumor_voxels = np.count_nonzero(filled_tumor) - np.count_nonzero(tumor)
     if added_tumor_voxels:
@@ -354,8 +356,9 @@ def _remove_small_lesions(
         slice(max(0, part.start - 1), min(length, part.stop + 1))
         for part, length in zip(tumor_box, tumor.shape)
     )
-    padding = tuple((part.start - outer.start, outer.stop - part.stop)
-                    for part, outer in zip(tumor_box, grown))
+    padding = tuple(
+        (part.start - outer.start, outer.stop - part.stop) for part, outer in zip(tumor_box, grown)
+    )
     component_ids = np.pad(component_ids, padding)
     small = component_ids > num_kept
     liver_tissue = whole_liver[grown] & ~tumor[grown]
@@ -388,7 +391,9 @@ def _remove_small_lesions(
 def _largest_component(mask: np.ndarray) -> np.ndarray:
     """Return the largest 26-connected component of a non-empty boolean mask."""
     component_ids, sizes = label_components_by_size(mask)
-    del mask  # frees a temporary mask passed by the caller before the next allocation
+    # Dropping the reference lets CPython free a temporary mask built by the caller
+    # before `component_ids == 1` allocates another one.
+    del mask
     if sizes.size > 1:
         logger.debug(
             "The whole liver has %d components; the largest has %d of %d voxels.",
@@ -410,9 +415,9 @@ def _within_distance(
     Distances are Euclidean between voxel centres, in mm, so anisotropic spacing counts
     in full. They come from a k-d tree of the target's surface voxels (voxels with a
     face neighbour outside the target) rather than from a distance transform of the
-    whole box: the nearest target voxel to an outside point always has such a
-    neighbour on the side facing the point, and the tree needs memory only per surface
-    voxel and per candidate. Target voxels outside the candidates' bounding box grown by
+    whole box, because the tree needs memory only per surface voxel and per candidate.
+    The nearest target voxel to an outside point always has such a neighbour, on the
+    side facing the point. Target voxels outside the candidates' bounding box grown by
     the tolerance are farther than the tolerance along one axis alone, so they are left
     out.
     """
@@ -451,8 +456,8 @@ def _fill_holes_3d_and_slices(mask: np.ndarray, slice_axis_zyx: int) -> np.ndarr
     3-D holes are background regions not connected to the array border through
     face-adjacent (6-connected) background, the complement of 26-connected foreground.
     The 2-D pass uses a structuring element that is flat along the slice axis, so the
-    background can only spread within a slice (4-connected), and the volume's first and
-    last slices do not count as the border of the other slices.
+    background can only spread within a slice (4-connected). The first and last slices
+    of the volume therefore do not count as the border of the other slices.
     """
     filled = mask.copy()
     box = bounding_box(mask)

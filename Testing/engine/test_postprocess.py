@@ -134,8 +134,8 @@ def test_far_tumor_dropped():
 
 
 def test_tumor_near_liver_trimmed_at_tolerance():
-    # Liver x in [10, 30); one background column at x = 30; tumor bar from x = 31 to 38.
-    # Distance to the nearest liver voxel centre (x = 29) is 2, 3, ..., 9 mm.
+    # Liver x in [10, 30), one background column at x = 30, tumor bar from x = 31 to 38.
+    # The distance to the nearest liver voxel centre (x = 29) is 2, 3, ..., 9 mm.
     labels = _box_liver()
     labels[8:12, 14:18, 31:39] = LABEL_TUMOR
 
@@ -179,15 +179,15 @@ def test_tolerance_diagonal_distance_in_mm():
     labels[15, 31, 31] = LABEL_TUMOR  # nearest liver voxel: (14, 29, 29)
     keep_all = dict(min_lesion_volume_mm3=0.0)
 
-    kept = postprocess_labels(labels, spacing_mm, PostprocessOptions(**keep_all))
-    dropped = postprocess_labels(
+    within_5mm = postprocess_labels(labels, spacing_mm, PostprocessOptions(**keep_all))
+    within_4mm = postprocess_labels(
         labels,
         spacing_mm,
         PostprocessOptions(tumor_outside_liver_tolerance_mm=4.0, **keep_all),
     )
 
-    assert kept[15, 31, 31] == LABEL_TUMOR
-    assert dropped[15, 31, 31] == LABEL_BACKGROUND
+    assert within_5mm[15, 31, 31] == LABEL_TUMOR
+    assert within_4mm[15, 31, 31] == LABEL_BACKGROUND
 
 
 def test_enclosed_hole_filled_as_liver():
@@ -312,7 +312,7 @@ def test_real_reference_labels_nearly_unchanged(shared_data_dir):
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import json, resource, time
+    import json, time
     import numpy as np
     from livertumorai.postprocess import postprocess_labels
 
@@ -334,17 +334,25 @@ _MEMORY_SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     labels[:100].reshape(-1)[rng.integers(0, 100 * 512 * 512, 5000)] = 2
 
-    def rss_kib():
+    def status_kib(field):
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
 
-    before_kib = rss_kib()
+    # VmHWM is the peak resident size of this process image. Writing 5 to clear_refs
+    # resets it to the current size (Linux 4.0 and later). Where that is not allowed,
+    # VmHWM keeps the lower peak of building the phantom.
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+    before_kib = status_kib("VmRSS")
     start = time.perf_counter()
     result = postprocess_labels(labels, (1.0, 0.7, 0.7))
     seconds = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kib = status_kib("VmHWM")
     print(json.dumps({
         "extra_mib": (peak_kib - before_kib) / 1024,
         "seconds": seconds,
@@ -356,6 +364,7 @@ _MEMORY_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
 def test_full_size_volume_memory():
     # A fresh interpreter, so that the peak resident size belongs to this run alone.
     completed = subprocess.run(
@@ -364,7 +373,7 @@ def test_full_size_volume_memory():
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     tumor_voxels = 20 * 30 * 40 + 10 * 20 * 20
 
-    assert report["extra_mib"] < 700, report
+    assert report["extra_mib"] < 512, report
     assert report["tumor_voxels"] == tumor_voxels, report
     # The hole is filled, and the stray blob and the scattered voxels are removed.
     assert report["liver_voxels"] == report["ellipsoid_voxels"] - tumor_voxels, report
