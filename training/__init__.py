@@ -1,0 +1,1 @@
+"""Training pipeline of the LiverTumorAI networks (see README.md in this folder)."""

@@ -15,9 +15,10 @@ Cache layout (one folder per case and preprocessing block)::
         meta.json    source files (size, mtime), spacing, context offsets, preprocessing
 
 The cache stores each slice once with one channel. A sample's 2.5-D context channels are
-gathered at load time with the engine's context offsets (clamped at the ends), which gives
-the same values as `SlicePreprocessor.images` because every channel is preprocessed
-independently; it takes 2 * context_slices + 1 times less disk than (S, C, H, W).
+gathered at load time with the engine's context offsets, clamped at the ends. Because the
+engine preprocesses every channel independently, this gives the same values as
+`SlicePreprocessor.images` and takes 2 * context_slices + 1 times less disk than an
+(S, C, H, W) array.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ def discover_cases(
             which is right for LiTS, MSD Task03 and the shared cases (one scan per patient).
 
     Raises:
-        FileNotFoundError: `data_dir` does not exist or holds no case of the layout.
+        FileNotFoundError: `data_dir` does not exist or contains no case of the layout.
         ValueError: unknown layout, duplicate case ids or an invalid `dataset.json`.
     """
     root = Path(data_dir).expanduser().resolve()
@@ -216,8 +217,9 @@ def _discover_msd(root: Path) -> list[tuple[str, Path, Path]]:
         ) from err
     pairs = []
     for item in training:
-        image = (root / item["image"]).resolve()
-        label = (root / item["label"]).resolve()
+        # normpath, not resolve: a symbolic link keeps its own name as the case id.
+        image = Path(os.path.normpath(root / item["image"]))
+        label = Path(os.path.normpath(root / item["label"]))
         if not image.is_file() or not label.is_file():
             logger.warning("Skipping %s: image or label file missing", item)
             continue
@@ -536,7 +538,7 @@ def cache_case(record: CaseRecord, preprocessing: Preprocessing,
     The cache is rebuilt when the source files changed size or modification time.
 
     Raises:
-        ValueError: the label file does not lie on the CT's grid or holds values above 2.
+        ValueError: the label file does not lie on the CT's grid or contains values above 2.
     """
     folder = Path(cache_dir) / f"{record.case_id}-{preprocessing_key(preprocessing)}"
     sources = _source_info(record)
@@ -581,7 +583,7 @@ def _write_case_arrays(record: CaseRecord, preprocessing: Preprocessing, folder:
         frame.to_axial(sitk.GetArrayFromImage(label_image)).astype(np.uint8))
     if labels_stack.max(initial=0) > _MAX_LABEL_VALUE:
         raise ValueError(
-            f"label file {record.label_path} holds value {int(labels_stack.max())}; expected "
+            f"label file {record.label_path} contains the invalid value {int(labels_stack.max())}; expected "
             "0 background, 1 liver, 2 tumor (merge other labels before training)"
         )
 

@@ -9,8 +9,8 @@ Markdown table.
 Conventions:
 - Liver is the whole liver, labels 1 and 2 together (as in the LiTS challenge); tumor is
   label 2.
-- Empty masks: Dice is 1 and VOE 0 when both masks are empty; RVD is undefined (NaN, null
-  in JSON) for an empty reference with a non-empty prediction; ASSD is 0 when both are
+- Empty masks: Dice is 1 and VOE 0 when both masks are empty. RVD is undefined (NaN, null
+  in JSON) for an empty reference with a non-empty prediction. ASSD is 0 when both are
   empty and undefined when only one is.
 - Lesions are 3-D connected components of tumor (26-connectivity). A reference lesion is
   detected when any predicted tumor component overlaps it by at least one voxel; a
@@ -478,7 +478,7 @@ def evaluate_case(record: CaseRecord, case_dir: Path) -> tuple[dict, list[tuple]
         (per-case metrics, list of (reference class, probabilities) per slice).
 
     Raises:
-        FileNotFoundError: the folder holds neither labels.nii.gz nor segmentation.seg.nrrd.
+        FileNotFoundError: the folder contains neither labels.nii.gz nor segmentation.seg.nrrd.
         ValueError: the prediction is not on the reference grid.
     """
     reference_image = sitk.ReadImage(str(record.label_path))

@@ -89,8 +89,8 @@ def export_checkpoint(
         classes=CLASS_NAMES[task], extra=info, dtype=dtype,
     )
     merge_manifest(output_dir, entry)
-    logger.info("Exported %s %s (%s) to %s, sha256 %s", task, entry["name"], entry["version"],
-                checkpoint_path, entry["sha256"][:12])
+    logger.info("Exported %s model %s %s from %s into %s, sha256 %s", task, entry["name"],
+                entry["version"], checkpoint_path, output_dir, entry["sha256"][:12])
     return entry
 
 

@@ -1,6 +1,6 @@
 """LightningModules that train the engine's networks, and loading of trained networks.
 
-The networks themselves come from `livertumorai.models.build_model`, so a checkpoint holds
+The networks themselves come from `livertumorai.models.build_model`, so a checkpoint contains
 exactly the module the engine runs. Each module records its architecture and preprocessing
 blocks with `save_hyperparameters`, which is what export.py writes into the manifest.
 
@@ -167,8 +167,8 @@ class ClassificationModule(_TrainingModule):
     def on_validation_epoch_end(self) -> None:
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True)
         self.log("val/balanced_accuracy", self.val_balanced_accuracy.compute())
-        # AUROC of a class absent from the validation slices is undefined; torchmetrics
-        # then returns 0 with a warning, so read it only with the class counts at hand.
+        # AUROC of a class absent from the validation slices is undefined. Torchmetrics 1.9
+        # then logs 0 with a warning, so read it together with the class counts.
         for name, value in zip(SLICE_CLASS_NAMES, self.val_auroc.compute()):
             self.log(f"val/auroc_{name.replace(' ', '_')}", value)
         for metric in (self.val_accuracy, self.val_balanced_accuracy, self.val_auroc):
@@ -213,7 +213,7 @@ def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor,
 
     Soft Dice of class k = (2 sum(p_k * r_k) + s) / (sum(p_k) + sum(r_k) + s), with p_k the
     softmax probability, r_k the one-hot reference and s = 1 voxel. Pooling over the
-    batch keeps the tumor term defined when most slices hold no tumor.
+    batch keeps the tumor term defined when most slices contain no tumor.
 
     Args:
         logits: (batch, classes, H, W).

@@ -5,7 +5,7 @@ inference (`livertumorai.inference.classify_slices`) and prints one line per sli
 example ``slice 20: class 1 (tumor), probabilities [0.00 0.90 0.10]``. Slice numbers are
 indices along the input's inferior-superior axis, as in the engine's slices.csv. With
 --output-dir it writes `<case>/slice_classes.csv` (with the reference class when labels
-are known) and `<case>/slice_classes.nii.gz`, a label map on the input grid that holds
+are known) and `<case>/slice_classes.nii.gz`, a label map on the input grid that contains
 each slice's predicted class (0 background, 1 tumor, 2 no tumor) in all its voxels.
 """
 

@@ -24,6 +24,7 @@ if __package__ in (None, ""):
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 
 from livertumorai.weights import Preprocessing
 from training.dataset import LAYOUTS, TASKS, LiverSliceDataModule, write_split
@@ -190,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         max_cases=args.max_cases,
     )
     split = datamodule.resolve_split()
-    write_split(output_dir / "split.json", split)
-    (output_dir / "run.json").write_text(json.dumps(vars(args), indent=2) + "\n",
-                                         encoding="utf-8")
+    _write_run_files(output_dir, split, args)
     logger.info("Split: %d training cases %s, %d validation cases %s", len(split.train),
                 list(split.train), len(split.val), list(split.val))
 
@@ -210,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("Best checkpoint: %s", best or "(none: no validation metric)")
     logger.info("Last checkpoint: %s", output_dir / "checkpoints" / "last.ckpt")
     return 0
+
+
+@rank_zero_only
+def _write_run_files(output_dir: Path, split, args: argparse.Namespace) -> None:
+    # Every process draws the same split from the seed; only rank 0 writes it.
+    write_split(output_dir / "split.json", split)
+    (output_dir / "run.json").write_text(json.dumps(vars(args), indent=2) + "\n",
+                                         encoding="utf-8")
 
 
 def _build_module(args, architecture: dict, preprocessing: Preprocessing,
