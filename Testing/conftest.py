@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from livertumorai.constants import SLICE_CLASS_NAMES
-from livertumorai.models import build_model
-from livertumorai.weights import Preprocessing, save_model, write_manifest
+from factories import make_tiny_weights
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[1]
+if str(REPOSITORY_ROOT) not in sys.path:  # makes the `training` package importable
+    sys.path.insert(0, str(REPOSITORY_ROOT))
 SHARED_DATA_DIR = Path(
     os.environ.get("LIVERTUMORAI_SHARED_DATA", REPOSITORY_ROOT.parent / "shared" / "data")
 )
-
-# Small networks with the bundled models' structure: fast enough for every test.
-TINY_CLASSIFIER = {"name": "vgg16_bn", "in_channels": 3, "num_classes": 3, "width_divisor": 16}
-TINY_SEGMENTER = {"name": "unet2d", "in_channels": 3, "num_classes": 3, "features": [4, 8, 16]}
-TINY_CLASSIFIER_PREP = Preprocessing(40.0, 400.0, 6.0, (64, 64), 1, 3.0)
-TINY_SEGMENTER_PREP = Preprocessing(40.0, 400.0, 4.0, (96, 96), 1, 3.0)
 
 
 @pytest.fixture(scope="session")
@@ -29,23 +23,6 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA_DIR.is_dir():
         pytest.skip(f"real CT folder {SHARED_DATA_DIR} is absent; set LIVERTUMORAI_SHARED_DATA")
     return SHARED_DATA_DIR
-
-
-def make_tiny_weights(folder: Path, seed: int = 0) -> Path:
-    """Write randomly initialised tiny classifier and U-Net weights plus a manifest."""
-    torch.manual_seed(seed)
-    entries = []
-    for name, task, architecture, prep, classes in (
-        ("tiny-classifier", "classification", TINY_CLASSIFIER, TINY_CLASSIFIER_PREP,
-         SLICE_CLASS_NAMES),
-        ("tiny-segmenter", "segmentation", TINY_SEGMENTER, TINY_SEGMENTER_PREP,
-         ("background", "liver", "tumor")),
-    ):
-        model = build_model(architecture)
-        entries.append(save_model(model, folder, name=name, task=task, version="0.0.0-test",
-                                  architecture=architecture, preprocessing=prep,
-                                  classes=classes, extra={"training": "random initialisation"}))
-    return write_manifest(folder, entries)
 
 
 @pytest.fixture(scope="session")

@@ -100,12 +100,19 @@ class SlicePreprocessor:
     def images(self, stack_hu: np.ndarray, slice_indices: Sequence[int]) -> torch.Tensor:
         """Return network input (batch, channels, height, width), float32 in [0, 1]."""
         context = self.context_indices(slice_indices)
-        hu = torch.from_numpy(np.ascontiguousarray(stack_hu[context.ravel()], dtype=np.float32))
+        # Neighbouring samples share context slices, so each slice is prepared once.
+        unique, inverse = np.unique(context, return_inverse=True)
+        prepared = self.prepare_slices(stack_hu, unique)
+        return prepared[torch.from_numpy(inverse.reshape(context.shape))]
+
+    def prepare_slices(self, stack_hu: np.ndarray, slice_indices: Sequence[int]) -> torch.Tensor:
+        """Return single slices windowed, resampled and cropped: (n, height, width) float32."""
+        picked = stack_hu[np.asarray(slice_indices)]
+        hu = torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
         unit = window_to_unit(hu, self.prep.window_center_hu, self.prep.window_width_hu)
         resampled = F.interpolate(unit[:, None], size=self.resampled_shape, mode="bilinear",
                                   align_corners=False, antialias=True).clamp_(0.0, 1.0)
-        cropped = self._crop(resampled, fill=0.0)
-        return cropped.reshape(len(context), context.shape[1], *self.prep.input_size)
+        return self._crop(resampled, fill=0.0)[:, 0]
 
     def labels(self, labels_stack: np.ndarray, slice_indices: Sequence[int]) -> torch.Tensor:
         """Return label maps (batch, height, width), int64, resampled by nearest neighbour."""

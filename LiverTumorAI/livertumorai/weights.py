@@ -314,6 +314,7 @@ def save_model(
     temporary = folder / f".{file_name}.partial"
     save_file(state, str(temporary), metadata={"name": name, "version": version, "task": task})
     os.replace(temporary, folder / file_name)
+    os.chmod(folder / file_name, 0o644)  # safetensors creates the file readable by its owner only
     entry = {
         "name": name,
         "task": task,

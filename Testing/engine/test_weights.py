@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import make_tiny_weights
+from factories import make_tiny_weights
 from livertumorai.errors import WeightsError
 from livertumorai.weights import (
     MANIFEST_NAME,
