@@ -47,6 +47,7 @@ from livertumorai.constants import LABEL_TUMOR, SLICE_CLASS_NAMES, slice_class_f
 from livertumorai.geometry import ImageGeometry, axial_frame
 from livertumorai.preprocess import SlicePreprocessor, body_center_rc
 from livertumorai.weights import Preprocessing
+from training.synthetic_tumors import SyntheticTumorConfig, SyntheticTumorTransform, case_geometries
 
 logger = logging.getLogger(__name__)
 
@@ -809,6 +810,9 @@ class LiverSliceDataModule(L.LightningDataModule):
         seg_margin_mm, seg_background_fraction: see `segmentation_slices`.
         max_cases: use only the first N training cases (smoke runs).
         slice_transform, slice_transform_probability: see `SliceDataset`.
+        synthetic_tumors: insert synthetic tumors into training slices with this
+            configuration (with probability `slice_transform_probability`); validation
+            slices stay real.
     """
 
     def __init__(
@@ -833,6 +837,7 @@ class LiverSliceDataModule(L.LightningDataModule):
         max_cases: int | None = None,
         slice_transform: SliceTransform | None = None,
         slice_transform_probability: float = 0.0,
+        synthetic_tumors: SyntheticTumorConfig | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
@@ -858,6 +863,9 @@ class LiverSliceDataModule(L.LightningDataModule):
         self.max_cases = max_cases
         self.slice_transform = slice_transform
         self.slice_transform_probability = slice_transform_probability
+        if synthetic_tumors is not None and slice_transform is not None:
+            raise ValueError("pass either slice_transform or synthetic_tumors, not both")
+        self.synthetic_tumors = synthetic_tumors
         self.records: dict[str, CaseRecord] = {}
         self.split: DataSplit | None = None
         self.train_dataset: SliceDataset | None = None
@@ -897,6 +905,11 @@ class LiverSliceDataModule(L.LightningDataModule):
         val_cases = [cache_case(self.records[c], self.preprocessing, self.cache_dir)
                      for c in split.val]
         augmentation = SliceAugmentation() if self.augment else None
+        if self.synthetic_tumors is not None:
+            # The transform needs each training case's spacing and context offsets, which
+            # are known once the cache exists.
+            self.slice_transform = SyntheticTumorTransform(
+                self.synthetic_tumors, case_geometries(train_cases), seed=self.seed)
         self.train_dataset = SliceDataset(
             train_cases, self._index(train_cases, np.random.default_rng(self.seed)), self.task,
             augmentation, self.slice_transform, self.slice_transform_probability)

@@ -78,6 +78,8 @@ def export_checkpoint(
         "training_data": {key: training_info[key] for key in ("data_dirs", "layout")
                           if key in training_info},
         "split": training_info.get("split"),
+        "training": {key: value for key, value in training_info.items()
+                     if key not in ("data_dirs", "layout", "split")},
         "metrics": dict(metrics or {}),
         "checkpoint": checkpoint_path.name,
         "exported_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

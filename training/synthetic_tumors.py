@@ -1,11 +1,11 @@
 """Synthetic liver tumors inserted into CT, so the networks can learn tumors without tumor labels.
 
-The method follows the recipe of Hu et al., "Label-Free Liver Tumor Segmentation" (CVPR 2023,
-arXiv 2303.14869): lesions are ellipsoids distorted by a smooth random field, filled with a
-texture made from Gaussian noise on a coarse lattice that is interpolated up to the CT grid
-(cubic spline), blended in with a soft edge, placed inside the liver where they do not hit
-vessels, and drawn over a range of sizes that includes tiny ones. This module is an
-independent implementation. It does not model the paper's mass effect or capsule.
+The ingredients come from Hu et al., "Label-Free Liver Tumor Segmentation" (CVPR 2023,
+arXiv 2303.14869). Lesions have shapes of distorted ellipsoids and a texture of scaled-up
+Gaussian noise, and they sit inside the liver without colliding with vessels. Sizes include
+tiny lesions, and edges are soft. This module is an independent implementation, and the
+details below are its own choices. It models no mass effect: tissue around a lesion is not
+pushed aside.
 
 Arrays are (z, y, x) NumPy order, which for the engine's axial stacks is (slice, row, column):
 slices inferior to superior, rows anterior to posterior, columns patient right to left.
@@ -32,10 +32,10 @@ How a lesion changes the CT (all choices here, not the paper's numbers):
   ``vessel_threshold_hu`` above the median of the nearby liver. Vessels are never centres
   and keep their values. Voxels darker than that median by more than
   ``dark_tissue_threshold_hu`` (fat at the liver edge, cysts) also keep their values. A
-  location is rejected when more than ``max_vessel_fraction`` of the lesion's core (weight
-  at least 0.5) is vessel, or more than ``max_outside_fraction`` of it lies outside the
-  liver. The lesion is clipped to the liver (label 1): existing tumors and voxels outside
-  the liver never change. Lesions do not overlap one another.
+  location is rejected when more than ``max_vessel_fraction`` of the lesion's core (its
+  undistorted ellipsoid) is vessel, or more than ``max_outside_fraction`` of it lies
+  outside the liver or the array. The lesion is clipped to the liver (label 1), so
+  existing tumors and voxels outside the liver never change. Lesions do not overlap.
 * Labels: label 2 is set exactly on the liver voxels whose CT value changed by more than
   ``label_threshold_hu``. The rest of the soft edge changes the CT by less than that and
   stays label 1.
@@ -77,8 +77,6 @@ _MIN_DISTORTION_SPACING_MM = 1.0
 # Samples of the texture and distortion lattices outside the lesion's bounding cube, so the
 # cubic spline never reads past the lattice edge.
 _LATTICE_PAD = 2
-# Weight at or above which a voxel belongs to the lesion's core (placement checks only).
-_CORE_WEIGHT = 0.5
 
 
 # --------------------------------------------------------------------------- configuration
@@ -113,9 +111,10 @@ class SyntheticTumorConfig:
             than this (after smoothing) are left unchanged.
         vessel_smoothing_mm: Gaussian sigma applied before both thresholds (in-plane only
             in the transform, whose channels are not evenly spaced).
-        max_vessel_fraction: largest share of the lesion core that may be vessel.
+        max_vessel_fraction: largest share of the lesion core (the undistorted ellipsoid)
+            that may be vessel.
         max_outside_fraction: largest share of the lesion core that may lie outside the
-            liver (label 1); the part outside is clipped.
+            liver (label 1) or the array; the part outside is clipped.
         label_threshold_hu: a liver voxel is labelled tumor when its CT changed by more
             than this.
         slice_offset_fraction: transform only: the lesion centre lies at most this fraction
@@ -129,12 +128,12 @@ class SyntheticTumorConfig:
     dark_contrast_range_hu: tuple[float, float] = (-90.0, -20.0)
     bright_contrast_range_hu: tuple[float, float] = (20.0, 60.0)
     bright_probability: float = 0.1
-    texture_std_range_hu: tuple[float, float] = (4.0, 16.0)
-    texture_grain_range_mm: tuple[float, float] = (2.0, 6.0)
+    texture_std_range_hu: tuple[float, float] = (5.0, 20.0)
+    texture_grain_range_mm: tuple[float, float] = (2.0, 8.0)
     texture_clip_fraction: float = 0.6
-    edge_softness_range_mm: tuple[float, float] = (0.5, 3.0)
+    edge_softness_range_mm: tuple[float, float] = (0.5, 4.0)
     axis_ratio_range: tuple[float, float] = (0.7, 1.0)
-    distortion_range: tuple[float, float] = (0.0, 0.25)
+    distortion_range: tuple[float, float] = (0.0, 0.3)
     distortion_scale: float = 0.35
     vessel_threshold_hu: float = 30.0
     dark_tissue_threshold_hu: float = 80.0
@@ -146,13 +145,12 @@ class SyntheticTumorConfig:
     max_attempts: int = 10
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name.endswith("_range") or "_range_" in field.name:
-                value = tuple(value)
-                object.__setattr__(self, field.name, value)
+        for name in (item.name for item in dataclasses.fields(self)):
+            if name.endswith("_range") or "_range_" in name:
+                value = tuple(getattr(self, name))
+                object.__setattr__(self, name, value)
                 if len(value) != 2 or value[0] > value[1]:
-                    raise ValueError(f"{field.name}={value} must be a (min, max) pair with "
+                    raise ValueError(f"{name}={value} must be a (min, max) pair with "
                                      "min <= max")
         self._check()
 
@@ -299,6 +297,11 @@ class _Lesion:
         """Smallest distance from the centre to the distorted surface."""
         return float(self.semi_axes_mm.min()) * (1.0 - self.distortion)
 
+    def ellipsoid_mask(self, offsets_mm: np.ndarray) -> np.ndarray:
+        """Return whether (..., 3) offsets from the centre (mm) lie in the plain ellipsoid."""
+        in_axes = offsets_mm @ self.rotation / self.semi_axes_mm
+        return (in_axes * in_axes).sum(axis=-1) <= 1.0
+
     def evaluate(self, offsets_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Return blending weight in [0, 1] and HU change at full weight, both (n,) float32.
 
@@ -386,19 +389,87 @@ class _Stack:
         ct_hu: (S, H, W) float32 CT, changed in place.
         liver: (S, H, W) bool, voxels a lesion may change before vessel and dark-tissue checks.
         available: `liver` minus voxels taken by earlier lesions.
-        z_mm: (S,) position of each slice along z, mm (need not be even or distinct).
-        pixel_spacing_mm: (row, column) spacing, mm.
-        smoothing_sigma: Gaussian sigma per axis in voxels for the vessel test.
         touched: (S, H, W) bool, voxels changed by any lesion so far.
+        spacing_mm: (slice, row, column) spacing, mm; the slice entry is unused when
+            `slice_z_mm` is given.
+        slice_z_mm: (S,) explicit z position of each slice, mm, for stacks whose slices are
+            not evenly spaced (the transform's context channels). None for a volume, whose
+            grid continues past its edges, so that a lesion there counts as partly
+            outside the liver.
+        smoothing_sigma: Gaussian sigma per axis in voxels for the vessel test.
     """
 
     ct_hu: np.ndarray
     liver: np.ndarray
     available: np.ndarray
-    z_mm: np.ndarray
-    pixel_spacing_mm: tuple[float, float]
-    smoothing_sigma: tuple[float, float, float]
     touched: np.ndarray
+    spacing_mm: tuple[float, float, float]
+    slice_z_mm: np.ndarray | None
+    smoothing_sigma: tuple[float, float, float]
+
+    def position_mm(self, index: Sequence[int]) -> np.ndarray:
+        """Return the (z, y, x) position of a voxel, mm."""
+        z = (self.slice_z_mm[index[0]] if self.slice_z_mm is not None
+             else index[0] * self.spacing_mm[0])
+        return np.array([z, index[1] * self.spacing_mm[1], index[2] * self.spacing_mm[2]],
+                        dtype=np.float64)
+
+
+@dataclass
+class _Box:
+    """Voxels within a distance of a point along each axis, possibly past the array edges.
+
+    Attributes:
+        indices: per axis, voxel indices clipped into the array (for reading).
+        positions_mm: per axis, the unclipped positions of those voxels, mm.
+        valid: per axis, whether the unclipped index lies inside the array.
+    """
+
+    indices: tuple[np.ndarray, np.ndarray, np.ndarray]
+    positions_mm: tuple[np.ndarray, np.ndarray, np.ndarray]
+    valid: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+    @classmethod
+    def around(cls, stack: _Stack, centre_mm: np.ndarray, radius_mm: float) -> _Box | None:
+        indices, positions, valid = [], [], []
+        for axis in range(3):
+            if axis == 0 and stack.slice_z_mm is not None:
+                index = np.flatnonzero(np.abs(stack.slice_z_mm - centre_mm[0]) <= radius_mm)
+                position = stack.slice_z_mm[index]
+            else:
+                spacing = stack.spacing_mm[axis]
+                first = int(math.floor((centre_mm[axis] - radius_mm) / spacing))
+                last = int(math.ceil((centre_mm[axis] + radius_mm) / spacing))
+                index = np.arange(first, last + 1)
+                position = index * spacing
+            inside = (index >= 0) & (index < stack.ct_hu.shape[axis])
+            if not inside.any():
+                return None
+            indices.append(np.clip(index, 0, stack.ct_hu.shape[axis] - 1))
+            positions.append(position)
+            valid.append(inside)
+        return cls(tuple(indices), tuple(positions), tuple(valid))
+
+    def read(self, array: np.ndarray) -> np.ndarray:
+        """Return the box's values, edge voxels repeated past the array edges."""
+        return array[np.ix_(*self.indices)]
+
+    def valid_mask(self) -> np.ndarray:
+        """Return (s, h, w) bool, True where the voxel lies inside the array."""
+        slices, rows, cols = self.valid
+        return slices[:, None, None] & rows[None, :, None] & cols[None, None, :]
+
+    def write(self, array: np.ndarray, values: np.ndarray) -> None:
+        """Write the part of `values` that lies inside the array."""
+        inner = tuple(slice(int(v.argmax()), int(len(v) - v[::-1].argmax())) for v in self.valid)
+        target = np.ix_(*(index[part] for index, part in zip(self.indices, inner)))
+        array[target] = values[inner]
+
+    def offsets_mm(self, centre_mm: np.ndarray) -> np.ndarray:
+        """Return (s, h, w, 3) offsets of the box's voxels from `centre_mm`, mm."""
+        grids = np.meshgrid(*(p - c for p, c in zip(self.positions_mm, centre_mm)),
+                            indexing="ij")
+        return np.stack(grids, axis=-1)
 
 
 def _insert_lesions(
@@ -412,9 +483,9 @@ def _insert_lesions(
 
     Args:
         stack: working arrays, changed in place.
-        candidates: (n, 3) int voxel indices (slice, row, column) a centre may be drawn at.
+        candidates: (n,) flat indices into the stack of the voxels a centre may be drawn at.
         centre_z_halfrange: maps a lesion to the largest z offset (mm) of its centre from
-            the candidate voxel's slice.
+            the candidate voxel.
         rng: random generator.
         config: parameters.
     """
@@ -423,14 +494,12 @@ def _insert_lesions(
     for _ in range(count):
         lesion = _draw_lesion(rng, config)
         for attempt in range(1, config.max_attempts + 1):
-            index = candidates[rng.integers(len(candidates))]
-            jitter = rng.uniform(-0.5, 0.5, size=2) * np.asarray(stack.pixel_spacing_mm)
+            index = np.unravel_index(candidates[rng.integers(len(candidates))],
+                                     stack.ct_hu.shape)
             halfrange = centre_z_halfrange(lesion)
-            centre_mm = np.array([
-                stack.z_mm[index[0]] + rng.uniform(-halfrange, halfrange),
-                index[1] * stack.pixel_spacing_mm[0] + jitter[0],
-                index[2] * stack.pixel_spacing_mm[1] + jitter[1],
-            ])
+            jitter = rng.uniform(-0.5, 0.5, size=2) * np.asarray(stack.spacing_mm[1:])
+            centre_mm = stack.position_mm(index)
+            centre_mm += (rng.uniform(-halfrange, halfrange), jitter[0], jitter[1])
             info = _try_place(stack, lesion, centre_mm, attempt, config)
             if info is not None:
                 inserted.append(info)
@@ -444,13 +513,11 @@ def _insert_lesions(
 def _try_place(stack: _Stack, lesion: _Lesion, centre_mm: np.ndarray, attempt: int,
                config: SyntheticTumorConfig) -> LesionInfo | None:
     """Insert `lesion` at `centre_mm` when the location passes the checks; else return None."""
-    reference_radius_mm = max(lesion.radius_mm, _REFERENCE_RADIUS_MM)
-    box = _crop_indices(stack, centre_mm, reference_radius_mm)
+    box = _Box.around(stack, centre_mm, max(lesion.radius_mm, _REFERENCE_RADIUS_MM))
     if box is None:
         return None
-    crop = np.ix_(*box)
-    ct_crop = stack.ct_hu[crop]
-    liver_crop = stack.liver[crop]
+    ct_crop = box.read(stack.ct_hu)
+    liver_crop = box.read(stack.liver) & box.valid_mask()
     if not liver_crop.any():
         return None
 
@@ -458,22 +525,19 @@ def _try_place(stack: _Stack, lesion: _Lesion, centre_mm: np.ndarray, attempt: i
     reference_hu = float(np.median(ct_crop[liver_crop]))
     smoothed = ndimage.gaussian_filter(ct_crop, stack.smoothing_sigma, mode="nearest")
     vessel = liver_crop & (smoothed > reference_hu + config.vessel_threshold_hu)
-    eligible = (stack.available[crop] & ~vessel
+    eligible = (liver_crop & box.read(stack.available) & ~vessel
                 & (smoothed >= reference_hu - config.dark_tissue_threshold_hu))
 
-    centre_voxel = tuple(int(np.argmin(np.abs(axis_mm - c)))
-                         for axis_mm, c in zip(_axes_mm(stack, box), centre_mm))
+    centre_voxel = tuple(int(np.argmin(np.abs(p - c)))
+                         for p, c in zip(box.positions_mm, centre_mm))
     if not eligible[centre_voxel]:
         return None
 
-    # Evaluate the lesion on the voxels inside its bounding sphere.
-    offsets = _offsets_mm(stack, box, centre_mm)
-    inside = (offsets * offsets).sum(axis=-1) < lesion.radius_mm ** 2
-    weight = np.zeros(ct_crop.shape, dtype=np.float32)
-    change_hu = np.zeros(ct_crop.shape, dtype=np.float32)
-    weight[inside], change_hu[inside] = lesion.evaluate(offsets[inside])
-
-    core = weight >= _CORE_WEIGHT
+    # Reject locations where the lesion core hits vessels or leaves the liver (or the array).
+    # The core is the undistorted ellipsoid, which is cheap to compute, because most
+    # attempts fail.
+    offsets = box.offsets_mm(centre_mm)
+    core = lesion.ellipsoid_mask(offsets)
     core_count = int(core.sum())
     if core_count == 0:
         return None
@@ -482,6 +546,12 @@ def _try_place(stack: _Stack, lesion: _Lesion, centre_mm: np.ndarray, attempt: i
     if (core & ~liver_crop).sum() > config.max_outside_fraction * core_count:
         return None
 
+    # Evaluate the lesion on the voxels inside its bounding sphere.
+    inside = (offsets * offsets).sum(axis=-1) < lesion.radius_mm ** 2
+    weight = np.zeros(ct_crop.shape, dtype=np.float32)
+    change_hu = np.zeros(ct_crop.shape, dtype=np.float32)
+    weight[inside], change_hu[inside] = lesion.evaluate(offsets[inside])
+
     applied = np.where(eligible, weight, np.float32(0.0))
     touched = applied > 0
     new_crop = ct_crop.copy()
@@ -489,14 +559,13 @@ def _try_place(stack: _Stack, lesion: _Lesion, centre_mm: np.ndarray, attempt: i
     changed = new_crop != ct_crop
     labelled = np.abs(new_crop - ct_crop) > np.float32(config.label_threshold_hu)
 
-    stack.ct_hu[crop] = new_crop
-    stack.available[crop] &= ~touched
-    stack.touched[crop] |= touched
+    box.write(stack.ct_hu, new_crop)
+    box.write(stack.available, box.read(stack.available) & ~touched)
+    box.write(stack.touched, box.read(stack.touched) | touched)
 
-    centre_index = tuple(int(box[axis][centre_voxel[axis]]) for axis in range(3))
     return LesionInfo(
         center_mm=tuple(float(v) for v in centre_mm),
-        center_index=centre_index,
+        center_index=tuple(int(box.indices[axis][centre_voxel[axis]]) for axis in range(3)),
         diameter_mm=lesion.diameter_mm,
         semi_axes_mm=tuple(float(v) for v in lesion.semi_axes_mm),
         distortion=lesion.distortion,
@@ -509,33 +578,6 @@ def _try_place(stack: _Stack, lesion: _Lesion, centre_mm: np.ndarray, attempt: i
         clipped_voxels=int(((weight > 0) & ~eligible).sum()),
         attempts=attempt,
     )
-
-
-def _crop_indices(stack: _Stack, centre_mm: np.ndarray,
-                  radius_mm: float) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Return slice, row and column indices within `radius_mm` of the centre per axis."""
-    slices = np.flatnonzero(np.abs(stack.z_mm - centre_mm[0]) <= radius_mm)
-    ranges = [slices]
-    for axis, spacing in ((1, stack.pixel_spacing_mm[0]), (2, stack.pixel_spacing_mm[1])):
-        first = max(int(math.floor((centre_mm[axis] - radius_mm) / spacing)), 0)
-        last = min(int(math.ceil((centre_mm[axis] + radius_mm) / spacing)),
-                   stack.ct_hu.shape[axis] - 1)
-        ranges.append(np.arange(first, last + 1))
-    if any(r.size == 0 for r in ranges):
-        return None
-    return tuple(ranges)
-
-
-def _axes_mm(stack: _Stack, box: tuple) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return (stack.z_mm[box[0]], box[1] * stack.pixel_spacing_mm[0],
-            box[2] * stack.pixel_spacing_mm[1])
-
-
-def _offsets_mm(stack: _Stack, box: tuple, centre_mm: np.ndarray) -> np.ndarray:
-    """Return (s, h, w, 3) offsets of the crop's voxels from the centre, mm."""
-    z, y, x = (axis - c for axis, c in zip(_axes_mm(stack, box), centre_mm))
-    grids = np.meshgrid(z, y, x, indexing="ij")
-    return np.stack(grids, axis=-1)
 
 
 # --------------------------------------------------------------------------- volumes
@@ -577,7 +619,7 @@ def insert_tumors(
     labels_out = labels.copy()
 
     liver = labels == LABEL_LIVER
-    candidates = np.argwhere(liver)
+    candidates = np.flatnonzero(liver)
     if candidates.size == 0:
         logger.info("No liver voxel (label %d) in the volume of shape %s: returning it "
                     "without synthetic tumors", LABEL_LIVER, ct.shape)
@@ -587,16 +629,18 @@ def insert_tumors(
         ct_hu=ct_out,
         liver=liver,
         available=liver.copy(),
-        z_mm=np.arange(ct.shape[0]) * spacing[0],
-        pixel_spacing_mm=(spacing[1], spacing[2]),
-        smoothing_sigma=tuple(config.vessel_smoothing_mm / s for s in spacing),
         touched=np.zeros(ct.shape, dtype=bool),
+        spacing_mm=spacing,
+        slice_z_mm=None,
+        smoothing_sigma=tuple(config.vessel_smoothing_mm / s for s in spacing),
     )
     lesions = _insert_lesions(stack, candidates, lambda lesion: 0.5 * spacing[0], rng, config)
 
-    original = ct.astype(np.float32, copy=False)
-    changed_hu = np.abs(ct_out - original)
-    labels_out[liver & (changed_hu > np.float32(config.label_threshold_hu))] = LABEL_TUMOR
+    # Only touched voxels can differ; comparing there alone saves two passes over the volume.
+    touched = np.nonzero(stack.touched)
+    changed_hu = np.abs(ct_out[touched] - ct[touched].astype(np.float32))
+    tumor = liver[touched] & (changed_hu > np.float32(config.label_threshold_hu))
+    labels_out[tuple(axis[tumor] for axis in touched)] = LABEL_TUMOR
     if not lesions:
         logger.info("No synthetic tumor fitted in the liver (%d voxels) after %d attempts "
                     "per lesion: returning the volume unchanged", len(candidates),
@@ -645,7 +689,7 @@ class CaseGeometry:
         """Read the geometry from a slice cache's meta.json (`CachedCase.meta`).
 
         Raises:
-            ValueError: a key is missing.
+            ValueError: a key is missing from `meta`.
         """
         try:
             preprocessing = meta["preprocessing"]
@@ -659,8 +703,8 @@ class CaseGeometry:
                 num_slices=int(meta["num_slices"]),
             )
         except (KeyError, TypeError, IndexError) as err:
-            raise ValueError(f"slice cache metadata lacks {err!r}; rebuild the cache with the "
-                             "current training/dataset.py") from err
+            raise ValueError(f"slice cache metadata is missing {err!r}; rebuild the cache "
+                             "with the current training/dataset.py") from err
 
     def channel_z_mm(self, slice_index: int) -> np.ndarray:
         """Return each channel's z position relative to the labelled slice, mm."""
@@ -695,6 +739,10 @@ class SyntheticTumorTransform:
     liver mask and to the channel's own vessel and dark-tissue tests. Pixels at 0 or 1
     (clipped by the window) never change. Label 2 goes into the centre slice's mask only,
     exactly where its value changed by more than ``label_threshold_hu``.
+
+    Cost, measured on one thread of a shared 2-core CPU with the default configuration: a
+    (5, 192, 192) segmentation sample of ircadb1.7 or chaos_ct3 took 3 to 6 ms (median) and
+    at most 22 ms. Those samples have 2 mm pixels and 3.2 or 4 mm between channels.
 
     Randomness: each call seeds a NumPy generator from the transform's `seed` and one draw
     of torch's global generator. DataLoader workers seed torch differently, so workers
@@ -746,21 +794,22 @@ class SyntheticTumorTransform:
         centre_channel = len(geometry.context_offsets) // 2
         inside_window = (unit > 0.0) & (unit < 1.0)
         liver = liver_centre[None] & inside_window
-        candidates = np.argwhere(liver[centre_channel])
+        candidates = np.flatnonzero(liver[centre_channel]) + centre_channel * liver[0].size
         if candidates.size == 0:
+            logger.debug("Slice %d of %s has liver only at the window limits: no synthetic "
+                         "tumor", slice_index, case_id)
             return image, mask
-        candidates = np.concatenate(
-            [np.full((len(candidates), 1), centre_channel), candidates], axis=1)
 
-        smoothing_px = tuple(self.config.vessel_smoothing_mm / s for s in geometry.pixel_spacing_mm)
+        smoothing_px = tuple(self.config.vessel_smoothing_mm / spacing
+                             for spacing in geometry.pixel_spacing_mm)
         stack = _Stack(
             ct_hu=geometry.unit_to_hu(unit),
             liver=liver,
             available=liver.copy(),
-            z_mm=geometry.channel_z_mm(slice_index),
-            pixel_spacing_mm=tuple(float(s) for s in geometry.pixel_spacing_mm),
-            smoothing_sigma=(0.0,) + smoothing_px,
             touched=np.zeros(unit.shape, dtype=bool),
+            spacing_mm=(geometry.slice_spacing_mm,) + tuple(geometry.pixel_spacing_mm),
+            slice_z_mm=geometry.channel_z_mm(slice_index),
+            smoothing_sigma=(0.0,) + smoothing_px,
         )
         fraction = self.config.slice_offset_fraction
         _insert_lesions(stack, candidates, lambda lesion: fraction * lesion.inner_radius_mm,

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from livertumorai.weights import Preprocessing
 from training.dataset import LAYOUTS, TASKS, LiverSliceDataModule, write_split
+from training.synthetic_tumors import SyntheticTumorConfig
 from training.lit_model import (
     DEFAULT_ARCHITECTURES,
     DEFAULT_PREPROCESSING,
@@ -92,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--context-step-mm", type=float,
                       help="distance between context slices in mm (default 3.0)")
 
+    synthesis = parser.add_argument_group("synthetic tumors")
+    synthesis.add_argument("--synthetic-tumors", type=float, default=0.0, metavar="P",
+                           help="probability (0-1) that a training slice with liver gets "
+                                "synthetic tumors inserted; 0 switches synthesis off")
+    synthesis.add_argument("--synthetic-diameter-mm", type=float, nargs=2,
+                           metavar=("MIN", "MAX"),
+                           help="range of synthetic lesion diameters in mm (default 5 60)")
+    synthesis.add_argument("--synthetic-count", type=int, nargs=2, metavar=("MIN", "MAX"),
+                           help="synthetic lesions per slice (default 1 3)")
+
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--features", type=int, nargs="+",
                        help="U-Net channels per level (default 32 64 128 256)")
@@ -134,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validate every N epochs")
     run.add_argument("--log-every-n-steps", type=int, default=10, help="logging interval in steps")
     return parser
+
+
+_RECORDED_SETTINGS = ("epochs", "max_steps", "time_limit_min", "batch_size", "lr",
+                      "weight_decay", "precision", "no_augment", "dice_weight", "class_weights")
+
+
+def synthetic_tumor_config_from_args(args: argparse.Namespace) -> SyntheticTumorConfig | None:
+    """Return the synthesis configuration, or None when synthesis is off."""
+    if not 0.0 <= args.synthetic_tumors <= 1.0:
+        raise SystemExit(f"--synthetic-tumors {args.synthetic_tumors} is not a probability in [0, 1]")
+    if args.synthetic_tumors == 0.0:
+        return None
+    overrides = {}
+    if args.synthetic_diameter_mm:
+        overrides["diameter_range_mm"] = tuple(args.synthetic_diameter_mm)
+    if args.synthetic_count:
+        overrides["count_range"] = tuple(args.synthetic_count)
+    return SyntheticTumorConfig(**overrides)
 
 
 def preprocessing_from_args(args: argparse.Namespace) -> Preprocessing:
@@ -180,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
 
     preprocessing = preprocessing_from_args(args)
     architecture = architecture_from_args(args, preprocessing)
+    synthetic_config = synthetic_tumor_config_from_args(args)
     datamodule = LiverSliceDataModule(
         data_dirs=args.data_dir, task=args.task, preprocessing=preprocessing,
         layout=args.layout, cache_dir=args.cache_dir, split_file=args.split_file,
@@ -189,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         augment=not args.no_augment, balance_classes=not args.no_balance,
         seg_margin_mm=args.seg_margin_mm, seg_background_fraction=args.seg_background_fraction,
         max_cases=args.max_cases,
+        slice_transform_probability=args.synthetic_tumors,
+        synthetic_tumors=synthetic_config,
     )
     split = datamodule.resolve_split()
     _write_run_files(output_dir, split, args)
@@ -200,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         "layout": args.layout,
         "split": split.to_dict(),
         "seed": args.seed,
+        "settings": {key: getattr(args, key) for key in _RECORDED_SETTINGS},
+        "synthetic_tumors": (None if synthetic_config is None else {
+            "probability": args.synthetic_tumors, "config": synthetic_config.to_dict()}),
     }
     module = _build_module(args, architecture, preprocessing, training_info)
     trainer = _build_trainer(args, output_dir, has_validation=bool(split.val))

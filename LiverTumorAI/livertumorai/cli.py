@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
     segment.add_argument("input", help="CT file (.nii, .nii.gz, .nrrd, .mha, .mhd) or DICOM folder")
     segment.add_argument("-o", "--output", required=True, metavar="OUTPUT_DIR",
                          help="output folder; created when the run succeeds")
@@ -77,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weights manifest.json or a folder with one (default: "
                          "$LIVERTUMORAI_WEIGHTS_DIR, ~/.cache/livertumorai/weights, then the "
                          "bundled weights)")
+
     segment.add_argument("--tumor-threshold", type=float, default=0.5, metavar="P",
                          help="tumor probability (0-1) from which a voxel is tumor "
                          "(default: %(default)s)")
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--gating-margin-mm", type=float, default=10.0, metavar="MM",
                          help="also segment slices within this distance in mm of a gated "
                          "slice (default: %(default)s)")
+
     segment.add_argument("--batch-size", type=int, default=16, metavar="N",
                          help="slices per U-Net batch; lower it when memory runs out "
                          "(default: %(default)s)")
@@ -104,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "networks in fp32, no gating, default memory layout")
     segment.add_argument("--threads", type=int, metavar="N",
                          help="CPU threads (default: every core this process may use)")
+
     segment.add_argument("--labelmap", action="store_true",
                          help="also write labels.nii.gz (uint8: 0 background, 1 liver, 2 tumor)")
     segment.add_argument("--probability-map", action="store_true",

@@ -145,6 +145,16 @@ class AxialFrame:
         """Return the index along the input's slice axis of axial stack slice `stack_index`."""
         return num_slices - 1 - stack_index if self.flip[0] else stack_index
 
+    def stack_to_input_index_zyx(self, point_stack, stack_shape) -> np.ndarray:
+        """Map a continuous (slice, row, column) stack position to an input (z, y, x) index."""
+        point = np.asarray(point_stack, dtype=np.float64).copy()
+        for axis, flipped in enumerate(self.flip):
+            if flipped:
+                point[axis] = stack_shape[axis] - 1 - point[axis]
+        index_zyx = np.empty(3)
+        index_zyx[list(self.transpose)] = point
+        return index_zyx
+
     @property
     def input_slice_axis_zyx(self) -> int:
         """The input array axis (NumPy order) that runs inferior-superior."""

@@ -169,8 +169,8 @@ def gate_slices(
 ) -> np.ndarray:
     """Return the indices of slices that may hold liver, padded by a safety margin.
 
-    A slice qualifies when its liver probability (tumor plus no tumor) reaches `threshold`;
-    qualifying runs are then widened by `margin_mm` on each side, so a missed edge slice of
+    A slice qualifies when its liver probability (tumor plus no tumor) reaches `threshold`.
+    Qualifying runs are then widened by `margin_mm` on each side, so a missed edge slice of
     the liver is still segmented.
     """
     liver_probability = probabilities[:, 1] + probabilities[:, 2]

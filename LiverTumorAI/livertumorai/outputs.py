@@ -238,7 +238,8 @@ def write_segmentation_nrrd(
     """
     path = Path(path)
     labels = _labels_as_uint8(labels_zyx, geometry, allowed_values=[s.label_value for s in segments])
-    voxel_counts = np.bincount(labels.ravel(), minlength=256)
+    voxel_counts = {s.label_value: int(np.count_nonzero(labels == s.label_value))
+                    for s in segments}
     layer_extent = _nonzero_extent_ijk(labels)
 
     image = geometry.image_from_array(labels)
@@ -286,8 +287,12 @@ def _labels_as_uint8(
         )
     labels = labels.astype(np.uint8, copy=False)
     if allowed_values is not None:
-        present = np.flatnonzero(np.bincount(labels.ravel(), minlength=256))
-        unexpected = sorted(set(present.tolist()) - {0, *allowed_values})
+        # np.unique or np.bincount would allocate an int64 copy of the whole map.
+        allowed = np.zeros(256, dtype=bool)
+        allowed[[0, *allowed_values]] = True
+        unexpected = []
+        if not allowed[labels].all():
+            unexpected = sorted(int(v) for v in np.unique(labels[~allowed[labels]]))
         if unexpected:
             raise ValueError(
                 f"The label map contains values {unexpected} that belong to no segment "

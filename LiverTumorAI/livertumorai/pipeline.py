@@ -1,8 +1,9 @@
 """The engine's public entry point: one CT in, one output folder out.
 
-`segment_ct` reads a CT, classifies every axial slice (VGG16), segments liver and tumor
-(U-Net) on the slices that may hold liver, post-processes and measures the result and
-writes everything on the input grid into an output folder that appears only when complete.
+`segment_ct` reads a CT and classifies every axial slice (VGG16). It segments liver and
+tumor (U-Net) on the slices that may hold liver, then post-processes and measures the
+result. Everything is written on the input grid into an output folder that appears only
+when complete.
 The command line, the Slicer child process and the benchmark all call it.
 """
 
@@ -127,7 +128,7 @@ class SegmentOptions:
 
 @dataclass
 class Report:
-    """What a run found, as written to `report.json`."""
+    """Result of one run: the measurements and the `report.json` content."""
 
     output_dir: Path
     measurements: Measurements
@@ -248,7 +249,8 @@ def segment_ct(
 
         with clock.stage("write", f"writing outputs to {output_dir}"):
             data = _report_data(
-                ct, geometry, frame, probabilities, slice_indices, measurements, options,
+                ct, geometry, frame, stack_hu.shape, center_rc, probabilities, slice_indices,
+                measurements, options,
                 [classifier_entry, segmenter_entry], manifest, device, autocast_dtype, threads,
             )
             _write_outputs(work_dir, ct, geometry, frame, stack_hu, labels_zyx, maps,
@@ -333,9 +335,13 @@ def _summary(measurements: Measurements, probabilities: np.ndarray) -> dict:
     }
 
 
-def _report_data(ct: LoadedCT, geometry, frame, probabilities, slice_indices, measurements,
-                 options, entries, manifest: Manifest, device, autocast_dtype, threads) -> dict:
+def _report_data(ct: LoadedCT, geometry, frame, stack_shape, center_rc, probabilities,
+                 slice_indices, measurements, options, entries, manifest: Manifest, device,
+                 autocast_dtype, threads) -> dict:
     warnings = list(ct.warnings)
+    middle_slice = (stack_shape[0] - 1) / 2.0
+    center_zyx = frame.stack_to_input_index_zyx((middle_slice, *center_rc), stack_shape)
+    body_center_ras = geometry.index_to_ras(center_zyx[::-1])
     summary = _summary(measurements, probabilities)
     if not summary["liver_found"]:
         warnings.append("No liver found: the segmentation is empty.")
@@ -358,6 +364,7 @@ def _report_data(ct: LoadedCT, geometry, frame, probabilities, slice_indices, me
             "direction_lps": [round(v, 9) for v in geometry.direction_lps],
             "axial_slice_axis_zyx": frame.input_slice_axis_zyx,
             "obliquity_deg": round(frame.obliquity_deg, 3),
+            "body_center_ras": [round(v, 2) for v in body_center_ras],
         },
         "summary": summary,
         "liver": {

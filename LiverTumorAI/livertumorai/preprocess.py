@@ -2,8 +2,8 @@
 
 Works on an axial stack (slice, row, column) in HU as `geometry.AxialFrame.to_axial` gives
 it. For one model's `Preprocessing` block it gathers each slice with its context slices
-(2.5-D channels), maps the HU window to [0, 1], resamples rows and columns to the model's
-pixel size and crops or pads to its input size around the body's centre. `restore` maps
+(2.5-D channels) and maps the HU window to [0, 1]. Rows and columns are then resampled to
+the model's pixel size and cropped or padded to its input size around the body's centre. `restore` maps
 network outputs back onto the stack's rows and columns. Training uses the same class, so
 the networks see identical inputs in training and inference.
 """

@@ -127,3 +127,23 @@ def test_liver_on_patient_right_in_stack(shared_data_dir):
     liver_columns = np.nonzero(stack > 0)[2]
 
     assert liver_columns.mean() < stack.shape[2] / 2
+
+
+@pytest.mark.parametrize(
+    "axes_order, flips",
+    [((0, 1, 2), (False, False, False)), ((2, 0, 1), (True, False, True)),
+     ((1, 2, 0), (False, True, True))],
+)
+def test_stack_point_maps_to_input_index(axes_order, flips):
+    image = sitk.Image(6, 7, 8, sitk.sitkUInt8)
+    image.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))
+    stored = _reoriented(image, axes_order, flips)
+    array = np.zeros(sitk.GetArrayViewFromImage(stored).shape, dtype=np.uint8)
+    frame = axial_frame(ImageGeometry.from_image(stored))
+    stack = frame.to_axial(array)
+    marked = np.zeros_like(stack)
+    marked[2, 3, 4] = 1
+
+    index_zyx = frame.stack_to_input_index_zyx((2, 3, 4), stack.shape)
+
+    assert frame.from_axial(marked)[tuple(int(v) for v in index_zyx)] == 1

@@ -13,18 +13,36 @@ Deviations from the textbook VGG16 (Simonyan and Zisserman, arXiv 1409.1556), an
 - The three 4096-wide fully connected layers are replaced by global average pooling, dropout
   and one linear layer: they hold 90 % of VGG16's parameters and need a fixed 224x224 input.
 The 13 convolutions and 5 max-pooling stages keep torchvision's order and module names
-(`features`, `avgpool`, `classifier`), built with `torchvision.models.vgg.make_layers`.
+(`features`, `avgpool`, `classifier`), so `features.N` parameter names match
+`torchvision.models.vgg16_bn`. The layers are built here rather than with torchvision's
+`make_layers` because importing `torchvision.models` costs about a second per process.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.vgg import cfgs, make_layers
 
-__all__ = ["SliceClassifier"]
+__all__ = ["SliceClassifier", "VGG16_LAYERS"]
 
-VGG16_CONFIG = "D"  # torchvision's name for the 16-layer configuration
+# Output channels of the 13 convolutions, "M" for 2x2 max pooling (configuration "D" of
+# Simonyan and Zisserman, table 1).
+VGG16_LAYERS = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+                512, 512, 512, "M")
+
+
+def _vgg_features(config, in_channels: int) -> nn.Sequential:
+    """Build conv-BN-ReLU layers and max pooling in torchvision's `vgg16_bn` order."""
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for item in config:
+        if item == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        layers += [nn.Conv2d(channels, item, kernel_size=3, padding=1),
+                   nn.BatchNorm2d(item), nn.ReLU(inplace=True)]
+        channels = item
+    return nn.Sequential(*layers)
 
 
 class SliceClassifier(nn.Module):
@@ -52,8 +70,8 @@ class SliceClassifier(nn.Module):
             )
         if width_divisor < 1:
             raise ValueError(f"width_divisor={width_divisor} must be a positive integer")
-        config = [v if v == "M" else int(v) // width_divisor for v in cfgs[VGG16_CONFIG]]
-        self.features = make_layers(config, batch_norm=True)
+        config = [v if v == "M" else int(v) // width_divisor for v in VGG16_LAYERS]
+        self.features = _vgg_features(config, in_channels)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Sequential(
             nn.Flatten(1),
