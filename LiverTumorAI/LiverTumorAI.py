@@ -49,17 +49,17 @@ DEVICE_PROBE_POLL_INTERVAL_MS = 500
 DEVICE_PROBE_TIMEOUT_S = 120.0
 # Device choices: parameter value and label shown in the combo box.
 DEVICE_CHOICES = (
-    ("auto", "Automatic"),
-    ("cpu", "CPU"),
-    ("gpu", "GPU (CUDA)"),
+    ("auto", _("Automatic")),
+    ("cpu", _("CPU")),
+    ("gpu", _("GPU (CUDA)")),
 )
 STAGE_LABELS = {
-    "read": "Reading",
-    "preprocess": "Preparing slices",
-    "classify": "Classifying slices",
-    "segment": "Segmenting",
-    "postprocess": "Measuring",
-    "write": "Writing results",
+    "read": _("Reading"),
+    "preprocess": _("Preparing slices"),
+    "classify": _("Classifying slices"),
+    "segment": _("Segmenting"),
+    "postprocess": _("Measuring"),
+    "write": _("Writing results"),
 }
 
 
@@ -142,7 +142,7 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = LiverTumorAILogic()
 
         for value, label in DEVICE_CHOICES:
-            self.ui.deviceComboBox.addItem(_(label), value)
+            self.ui.deviceComboBox.addItem(label, value)
         self.ui.progressBar.setVisible(False)
         self.ui.cancelButton.setVisible(False)
 
@@ -209,8 +209,9 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            # Widgets with the dynamic property "SlicerParameterName" in the .ui file are bound
-            # here; the device combo box is bound by hand because its items carry labels.
+            # connectGui binds the widgets that have the dynamic property "SlicerParameterName"
+            # in the .ui file. The device combo box is bound by hand because its items carry
+            # labels that differ from the stored values.
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
         self.updateGUI()
@@ -291,7 +292,8 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Ask what to do with engine segments edited since the last run.
 
         Returns:
-            True to keep edited segments as copies, False to replace them, None to not run.
+            True to keep edited segments as copies, False to replace them, None to cancel
+            the run.
         """
         nodes = sceneUpdates.find_result_nodes(slicer.mrmlScene, inputVolume)
         edited = sceneUpdates.edited_engine_segments(nodes.segmentation)
@@ -315,7 +317,7 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return None
 
     def onProgress(self, event, fraction: float) -> None:
-        stage = _(STAGE_LABELS.get(event.stage, event.stage))
+        stage = STAGE_LABELS.get(event.stage, event.stage)
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.progressBar.format = f"{stage}: %p%"
         self.ui.progressBar.toolTip = event.message
@@ -335,7 +337,8 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         elif state is RunState.CANCELLED:
             self.ui.statusLabel.text = _("Cancelled. The scene is unchanged.")
         else:
-            self.ui.statusLabel.text = _("Failed: {message}").format(message=self._run.error.message)
+            message = self._run.error.message
+            self.ui.statusLabel.text = _("Failed: {message}").format(message=message)
             self.showEngineError(self._run.error)
         self.updateRunButton()
 
@@ -399,7 +402,7 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return not dependencies.missing_requirements()
 
     def startDeviceProbe(self) -> None:
-        """Ask torch, in a child process, which device it can use; show it when it answers."""
+        """Start a child process that reports torch's device; the timer shows the result."""
         if dependencies.installed_version("torch") is None:
             self.ui.detectedDeviceLabel.text = _("Detected device: PyTorch is not installed yet.")
             return
@@ -413,7 +416,8 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDeviceProbeTimer(self) -> None:
         probe = self._deviceProbe
-        self._deviceProbeLines += [line for stream, line in probe.read_lines() if stream == "stdout"]
+        self._deviceProbeLines += [line for stream, line in probe.read_lines()
+                                   if stream == "stdout"]
         status = probe.poll()
         if status is None and time.monotonic() - self._deviceProbeStart < DEVICE_PROBE_TIMEOUT_S:
             return
@@ -497,10 +501,10 @@ def deviceText(probe) -> str:
 
 
 class LiverTumorAILogic(ScriptedLoadableModuleLogic):
-    """Runs LiverTumorAI from scripts: `LiverTumorAILogic().process(volumeNode)`.
+    """Logic for scripts, for example `LiverTumorAILogic().process(volumeNode)`.
 
-    The work is done by `LiverTumorAILib`; this class binds it to `slicer.mrmlScene` and to
-    the parameter node.
+    `LiverTumorAILib` does the work. This class binds it to `slicer.mrmlScene` and to the
+    parameter node.
     """
 
     def __init__(self) -> None:
@@ -558,9 +562,9 @@ class LiverTumorAILogic(ScriptedLoadableModuleLogic):
 
 
 class LiverTumorAITest(ScriptedLoadableModuleTest):
-    """Runs the engine for real, on CPU with the bundled weights, and checks the nodes."""
+    """Self-test: real engine runs on CPU with the bundled weights, checked on the nodes."""
 
-    # A CPU run of the bundled networks on a full-size CT takes minutes; stop after this.
+    # Upper limit of one run. A CPU run on a full-size CT is expected to take minutes.
     RUN_TIMEOUT_S = 30 * 60
 
     def setUp(self):
@@ -629,7 +633,7 @@ class LiverTumorAITest(ScriptedLoadableModuleTest):
         self.assertNodesMatchInput(nodes, volume)
         summary = json.loads(nodes.segmentation.GetAttribute(sceneUpdates.SUMMARY_ATTRIBUTE))
         self.assertTrue(summary["liver_found"])
-        # An adult liver is about 1 to 3 L; anything outside 0.5 to 5 L is a failed segmentation.
+        # Loose bounds: any plausible adult liver volume lies well inside 0.5 to 5 L.
         self.assertGreater(summary["liver_volume_ml"], 500.0)
         self.assertLess(summary["liver_volume_ml"], 5000.0)
 

@@ -56,7 +56,7 @@ DEFAULT_INPUTS = (
 RANDOM_CLASSIFIER = {"name": "vgg16_bn", "in_channels": 3, "num_classes": 3, "width_divisor": 4}
 RANDOM_CLASSIFIER_PREP = (40.0, 400.0, 3.0, (128, 128), 1, 3.0)
 RANDOM_SEGMENTER = {"name": "unet2d", "in_channels": 5, "num_classes": 3,
-                    "features": [32, 64, 128, 256]}
+                    "features": [16, 32, 64, 128, 256]}
 RANDOM_SEGMENTER_PREP = (40.0, 400.0, 2.0, (192, 192), 2, 3.0)
 RANDOM_WEIGHTS_NOTE = "random initialisation by benchmarks/benchmark.py (timing only)"
 

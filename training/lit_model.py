@@ -47,7 +47,7 @@ DEFAULT_ARCHITECTURES = {
     "classification": {"name": "vgg16_bn", "in_channels": 3, "num_classes": 3,
                        "width_divisor": 4},
     "segmentation": {"name": "unet2d", "in_channels": 5, "num_classes": 3,
-                     "features": [32, 64, 128, 256]},
+                     "features": [16, 32, 64, 128, 256]},
 }
 DEFAULT_PREPROCESSING = {
     "classification": Preprocessing(40.0, 400.0, 3.0, (128, 128), 1, 3.0),

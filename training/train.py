@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--features", type=int, nargs="+",
-                       help="U-Net channels per level (default 32 64 128 256)")
+                       help="U-Net channels per level (default 16 32 64 128 256)")
     model.add_argument("--width-divisor", type=int,
                        help="VGG16 channel divisor (default 4; 1 is textbook VGG16)")
     model.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate")

@@ -1,10 +1,10 @@
 """Python packages the engine needs inside Slicer, and their installation.
 
-Slicer's Python ships numpy, SimpleITK and requests; other modules and Slicer itself rely
-on those exact builds (Slicer's SimpleITK carries Slicer's own ITK IO classes), so they must
-never be replaced. The engine also needs torch and torchvision, which come from the PyTorch
-extension's installer (PyTorchUtils: it picks the CUDA or CPU build that fits the machine),
-and a few small packages from PyPI.
+Slicer's Python ships numpy, SimpleITK and requests. Slicer itself and other modules rely
+on those exact builds (Slicer's SimpleITK carries Slicer's own ITK IO classes), so this
+module never replaces them. The engine also needs torch, which comes from the PyTorch
+extension's installer (PyTorchUtils picks the CUDA or CPU build that fits the machine and
+installs torchvision with it), and a few small packages from PyPI.
 
 Order of installation: torch first (through PyTorchUtils), then the rest with pip and a
 constraints file that pins every protected package to its installed version, so pip fails
@@ -63,11 +63,10 @@ class Requirement:
         return f"{self.name}>={self.minimum_version}"
 
 
-# Minimum versions match the engine's pyproject.toml.
-TORCH_REQUIREMENTS = (
-    Requirement("torch", "2.1", "pytorch"),
-    Requirement("torchvision", "0.16", "pytorch"),
-)
+# Minimum versions match the engine's pyproject.toml. The engine imports torch only.
+TORCH_REQUIREMENTS = (Requirement("torch", "2.1", "pytorch"),)
+# PyTorchUtils installs torchvision together with torch; this keeps the pair compatible.
+TORCHVISION_REQUIREMENT = ">=0.16"
 PIP_REQUIREMENTS = (
     Requirement("safetensors", "0.4", "pip"),
     Requirement("scipy", "1.9", "pip"),
@@ -206,7 +205,7 @@ def install_dependencies(confirm: Callable[[str], bool]) -> bool:
 
 
 def _install_torch() -> None:
-    """Install torch and torchvision through the PyTorch extension (PyTorchUtils)."""
+    """Install torch (and torchvision) through the PyTorch extension (PyTorchUtils)."""
     try:
         import PyTorchUtils  # noqa: PLC0415 (module of the PyTorch extension, only in Slicer)
     except ImportError as error:
@@ -214,12 +213,12 @@ def _install_torch() -> None:
             "the PyTorch extension is not installed",
             "Install 'PyTorch' in the Extensions Manager, restart Slicer and run again.",
         ) from error
-    torch_requirement, vision_requirement = TORCH_REQUIREMENTS
+    (torch_requirement,) = TORCH_REQUIREMENTS
     logic = PyTorchUtils.PyTorchUtilsLogic()
     torch_module = logic.installTorch(
         askConfirmation=False,
         torchVersionRequirement=f">={torch_requirement.minimum_version}",
-        torchvisionVersionRequirement=f">={vision_requirement.minimum_version}",
+        torchvisionVersionRequirement=TORCHVISION_REQUIREMENT,
     )
     if torch_module is None:
         raise DependencyError(
@@ -231,8 +230,8 @@ def _install_torch() -> None:
 def _pip_install(requirements: Sequence[Requirement]) -> None:
     import slicer  # noqa: PLC0415 (only inside Slicer)
 
-    # NOTE: Slicer previews offer slicer.packaging with a progress dialog; slicer.util.pip_install
-    # works from Slicer 5.8 on and is kept as a wrapper there, so it is used for every version.
+    # NOTE: Slicer preview builds offer slicer.packaging with a progress dialog. They keep
+    # slicer.util.pip_install as a wrapper of it, and Slicer 5.8 has only the latter.
     with tempfile.TemporaryDirectory(prefix="LiverTumorAI-pip-") as folder:
         constraints_path = Path(folder) / "constraints.txt"
         constraints_path.write_text(constraints_text(), encoding="utf-8")

@@ -3,7 +3,7 @@
 The Slicer module never imports torch or runs a network in the application process. It
 starts ``livertumorai segment ... --progress json`` with Slicer's own Python launcher
 (``PythonSlicer``) and reads one JSON object per line from the child's stdout. Two reader
-threads move stdout and stderr lines into a queue; every other method runs on the caller's
+threads move stdout and stderr lines into a queue. Every other method runs on the caller's
 thread, so a Qt timer in Slicer (or a plain loop in a test) polls without blocking.
 
 The child starts in its own process group (POSIX) or process group and console (Windows),
@@ -61,8 +61,8 @@ ENGINE_STAGES = (
 # Lines of the child's stderr kept for error details (the end of a traceback fits).
 STDERR_TAIL_LINES = 60
 
-# Python code the child runs: put the folder that holds the `livertumorai` package first on
-# sys.path, then run its command line. This works whether or not the launcher keeps
+# Python code the child runs: put the folder that contains the `livertumorai` package first
+# on sys.path, then run its command line. This works whether or not the launcher keeps
 # PYTHONPATH (PythonSlicer sets its own paths).
 _ENGINE_BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
@@ -292,10 +292,10 @@ class ChildProcess:
     def cancel(self, grace_s: float = 5.0) -> None:
         """Ask the whole process tree to stop, and kill it if still running after `grace_s`.
 
-        On POSIX the process group gets SIGTERM (the engine stops before its next batch and
-        removes its partial output); `poll()` sends SIGKILL when the grace time has passed.
-        On Windows the tree is killed at once with `taskkill /T /F`, because a console
-        child cannot be sent SIGTERM. Returns without waiting.
+        On POSIX the process group gets SIGTERM, on which the engine stops before its next
+        batch and removes its partial output. `poll()` sends SIGKILL when the grace time
+        has passed. On Windows the tree is killed at once with `taskkill /T /F`, because a
+        console child cannot be sent SIGTERM. Returns without waiting.
         """
         if self.process.poll() is not None:
             return

@@ -5,7 +5,8 @@ child process, turns its JSON lines into progress, and on success puts the resul
 the scene with `scene.update_scene`. The scene is modified only at that last step, so a
 run that fails or is cancelled leaves the scene exactly as it was before `start()`.
 
-`poll()` never blocks: in Slicer a Qt timer calls it, in tests and scripts `wait()` loops.
+`poll()` does not wait for the child. In Slicer a Qt timer calls it; in tests and scripts
+`wait()` calls it in a loop.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["RunOptions", "RunState", "EngineRunError", "SegmentationRun"]
 
 # A run whose child writes nothing to stdout or stderr for this long is stopped and
-# reported as hanging. One progress line comes per batch of slices; a batch of the bundled
-# networks takes seconds on a CPU, so 15 minutes of silence means the child is stuck.
+# reported as hanging. The engine prints one progress line per batch of slices. A batch is
+# expected to take seconds on a CPU, so 15 minutes of silence means the child is stuck.
 DEFAULT_STALL_TIMEOUT_S = 15 * 60
 # Time the engine gets to stop after SIGTERM before the process tree is killed.
 CANCEL_GRACE_S = 5.0
@@ -47,7 +48,7 @@ _OUTPUT_FOLDER = "output"
 
 
 class RunState(enum.Enum):
-    """Where a run stands."""
+    """State of a run."""
 
     CREATED = "created"
     RUNNING = "running"

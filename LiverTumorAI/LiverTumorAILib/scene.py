@@ -15,9 +15,9 @@ reference from each result node to the input volume:
 
 A re-run updates these nodes in place. In the segmentation it replaces only the voxels of
 the two engine segments, which are recognised by a segment tag, never by name, so segments
-the user added stay as they are. An engine segment whose voxels changed since the run that
-wrote them (a stored checksum no longer matches) is edited; `update_scene` keeps a copy of
-it unless the caller asked to replace it.
+the user added stay as they are. An engine segment counts as edited when its voxels no
+longer match the checksum stored by the run that wrote them. Before replacing an edited
+segment, `update_scene` keeps a copy of it unless the caller asks to replace it.
 
 Coordinates are RAS in mm. The engine ran on the volume's own grid (written without its
 parent transform), so result nodes get the input's parent transform.
@@ -65,9 +65,9 @@ __all__ = [
 
 ENGINE_SEGMENTS: tuple[SegmentDefinition, ...] = (SEGMENT_LIVER, SEGMENT_TUMOR)
 
-# Segment tags written by this module. ENGINE_SEGMENT_TAG holds the engine's segment ID
-# ("liver", "liver_tumor") and marks a segment as replaceable by a re-run; CHECKSUM_TAG
-# holds the checksum of its voxels when the run wrote them.
+# Segment tags written by this module. ENGINE_SEGMENT_TAG contains the engine's segment ID
+# ("liver", "liver_tumor") and marks a segment that a re-run may replace. CHECKSUM_TAG
+# contains the checksum of the segment's voxels as the run wrote them.
 ENGINE_SEGMENT_TAG = "LiverTumorAI.EngineSegment"
 CHECKSUM_TAG = "LiverTumorAI.VoxelChecksum"
 
@@ -335,9 +335,9 @@ def update_scene(scene, input_volume, results: EngineResults, *,
         scene: the MRML scene holding `input_volume`.
         input_volume: the CT volume node the engine ran on.
         results: the output folder read by `load_engine_results`.
-        keep_edited_copies: before replacing an engine segment that was edited since the
-            run that wrote it, copy it into a new segment named "<name> (edited)"; with
-            False the edited voxels are replaced.
+        keep_edited_copies: copy an engine segment that was edited since the run that
+            wrote it into a new segment named "<name> (edited)" before replacing it. With
+            False the edited voxels are replaced without a copy.
         show_3d: also build the closed-surface (3D) representation.
 
     Returns:
@@ -494,7 +494,7 @@ def _binary_labelmap(segmentation_node, segment_id: str):
 def _segment_mask_zyx(segmentation_node, segment_id: str):
     """Return (mask in (k, j, i) order, extent start (i, j, k)) of one segment's voxels.
 
-    A shared labelmap layer holds several segments with different label values, so only
+    A shared labelmap layer contains several segments with different label values, so only
     voxels equal to this segment's label value belong to it.
     """
     image = slicer.vtkOrientedImageData()

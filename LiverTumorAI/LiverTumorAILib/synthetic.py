@@ -21,7 +21,7 @@ def synthetic_ct_array(slices: int = 40, rows: int = 128, columns: int = 128) ->
     """Return an int16 (slice, row, column) array of Hounsfield units that looks like an abdomen.
 
     With an identity IJK-to-RAS direction, columns run towards the patient's right and rows
-    towards the front. The volume holds air (-1000 HU) outside an elliptic body of soft
+    towards the front. The volume contains air (-1000 HU) outside an elliptic body of soft
     tissue (40 HU), a liver-like region on the patient's right (60 HU) with a darker lesion
     (20 HU) in it, and a bony spine at the back (400 HU).
     """

@@ -44,7 +44,6 @@ from .outputs import (
     write_segmentation_nrrd,
     write_slices_csv,
 )
-from .overview import write_overview_png
 from .postprocess import PostprocessOptions, postprocess_labels
 from .preprocess import SlicePreprocessor, body_center_rc
 from .weights import Manifest, load_manifest, load_model
@@ -404,6 +403,8 @@ def _write_outputs(work_dir: Path, ct, geometry, frame, stack_hu, labels_zyx,
                               work_dir / OUTPUT_FILES["tumor_probability"])
         outputs["tumor_probability"] = OUTPUT_FILES["tumor_probability"]
     if options.write_overview:
+        from .overview import write_overview_png  # matplotlib is imported only when needed
+
         stack_labels = frame.to_axial(labels_zyx)
         lesion_slices = _lesion_stack_slices(measurements, frame, stack_hu.shape[0])
         write_overview_png(

@@ -13,7 +13,7 @@ from livertumorai.models import SliceClassifier, UNet2D, build_model
 WEIGHTS_BUDGET_PARAMETERS = 30_000_000
 BUNDLED_CLASSIFIER = {"name": "vgg16_bn", "in_channels": 3, "num_classes": 3, "width_divisor": 4}
 BUNDLED_SEGMENTER = {"name": "unet2d", "in_channels": 5, "num_classes": 3,
-                     "features": [32, 64, 128, 256]}
+                     "features": [16, 32, 64, 128, 256]}
 
 
 def _layer_kinds(module: nn.Module) -> list[type]:

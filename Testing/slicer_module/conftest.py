@@ -1,8 +1,8 @@
 """Fixtures of the Slicer module tests: MRML scenes from slicer-core and CT volume nodes.
 
-This folder is not named `slicer`: slicer-core's `slicer` package adds every folder named
-`slicer` on sys.path to its own path and imports each module in it, and pytest puts
-`Testing/` on sys.path, so a `Testing/slicer/` folder would be imported into `slicer` itself.
+This folder is not named `slicer`. slicer-core's `slicer` package adds every folder named
+`slicer` on sys.path to its own path and imports each module in it. pytest puts `Testing/`
+on sys.path, so the modules of a `Testing/slicer/` folder would be imported into `slicer`.
 """
 
 from __future__ import annotations

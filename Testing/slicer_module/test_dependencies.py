@@ -48,7 +48,7 @@ def test_missing_requirements_finds_absent_and_old():
 
 
 def test_torch_installed_by_pytorch_extension():
-    assert {r.name for r in TORCH_REQUIREMENTS} == {"torch", "torchvision"}
+    assert {r.name for r in TORCH_REQUIREMENTS} == {"torch"}
     assert {r.installer for r in TORCH_REQUIREMENTS} == {"pytorch"}
     assert {r.installer for r in PIP_REQUIREMENTS} == {"pip"}
     assert REQUIREMENTS[:len(TORCH_REQUIREMENTS)] == TORCH_REQUIREMENTS

@@ -1,8 +1,8 @@
 """Engine runs in a real child process into a real MRML scene (slicer-core).
 
-The same path the Slicer module takes: the volume node is written to a temporary NRRD, the
-engine runs with `--progress json`, and the results are loaded into the scene, or the
-scene stays unchanged when the run is cancelled or fails. Tiny random weights keep each
+These tests take the same path as the Slicer module. The volume node is written to a
+temporary NRRD and the engine runs with `--progress json`. The results are then loaded into
+the scene, or the scene stays unchanged when the run is cancelled or fails. Tiny random weights keep each
 run to seconds; they make the plumbing testable, not the segmentation accurate.
 """
 
@@ -82,7 +82,7 @@ def test_run_puts_results_in_scene(finished_run):
     run = finished_run
     volume = run.input_volume
 
-    assert run.state is RunState.SUCCEEDED, run.error and run.error.details
+    assert run.state is RunState.SUCCEEDED, getattr(run.error, "details", "")
     nodes = run.result_nodes
     segmentation = nodes.segmentation.GetSegmentation()
     ids = scene_updates.engine_segment_ids(nodes.segmentation)
@@ -180,7 +180,7 @@ def test_rerun_updates_in_place(finished_run, tiny_weights, tmp_path):
 
     rerun = _run(scene, volume, tiny_weights, tmp_path, tumor_threshold=0.27)
 
-    assert rerun.state is RunState.SUCCEEDED, rerun.error and rerun.error.details
+    assert rerun.state is RunState.SUCCEEDED, getattr(rerun.error, "details", "")
     assert [node.GetID() for node in rerun.result_nodes.all_nodes()] == node_ids
     assert scene.GetNumberOfNodes() == node_count
     assert segmentation_node.GetSegmentation().GetSegment(user_id).GetName() == "Biopsy site"

@@ -1,8 +1,8 @@
 """Engine output folders into a real MRML scene (slicer-core), without the child process.
 
-One engine run on the small ircadb1.17 CT gives a complete output folder; a copy of it gets
-the case's reference labels as its segmentation and their measurements as its lesions, so
-the voxels and lesion values the scene must show are known.
+One engine run on the small ircadb1.17 CT gives a complete output folder. A copy of it gets
+the case's reference labels as its segmentation and their measurements as its lesions. The
+voxels and lesion values that the scene must show are then known.
 """
 
 from __future__ import annotations
