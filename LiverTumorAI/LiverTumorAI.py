@@ -29,6 +29,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from livertumorai.constants import DEFAULT_MIN_LESION_VOLUME_MM3, DEFAULT_TUMOR_THRESHOLD
 from LiverTumorAILib import dependencies
 from LiverTumorAILib import scene as sceneUpdates
 from LiverTumorAILib import synthetic
@@ -109,8 +110,8 @@ class LiverTumorAIParameterNode:
 
     inputVolume: vtkMRMLScalarVolumeNode
     device: Annotated[str, Choice(["auto", "cpu", "gpu"])] = "auto"
-    tumorThreshold: Annotated[float, WithinRange(0.01, 0.99)] = 0.5
-    minLesionVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 20.0
+    tumorThreshold: Annotated[float, WithinRange(0.01, 0.99)] = DEFAULT_TUMOR_THRESHOLD
+    minLesionVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = DEFAULT_MIN_LESION_VOLUME_MM3
     classifierGating: bool = True
     keepProbabilityMap: bool = False
 

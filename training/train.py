@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     module = _build_module(args, architecture, preprocessing, training_info)
     trainer = _build_trainer(args, output_dir, has_validation=bool(split.val))
     trainer.fit(module, datamodule=datamodule, ckpt_path=args.resume)
+    # ModelCheckpoint refreshes last.ckpt only when it validates; a run that stops on
+    # --max-steps or --time-limit-min between validations would otherwise lose its tail.
+    trainer.save_checkpoint(output_dir / "checkpoints" / "last.ckpt")
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     logger.info("Best checkpoint: %s", best or "(none: no validation metric)")

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from livertumorai.constants import DEFAULT_MIN_LESION_VOLUME_MM3, DEFAULT_TUMOR_THRESHOLD
+
 from . import scene as scene_updates
 from .process import (
     ChildProcess,
@@ -102,8 +104,8 @@ class RunOptions:
     """
 
     device: str = "auto"
-    tumor_threshold: float = 0.5
-    min_lesion_volume_mm3: float = 20.0
+    tumor_threshold: float = DEFAULT_TUMOR_THRESHOLD
+    min_lesion_volume_mm3: float = DEFAULT_MIN_LESION_VOLUME_MM3
     classifier_gating: bool = True
     keep_probability_map: bool = False
     weights: str | None = None

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Sequence
 
 from . import __version__
+from .constants import DEFAULT_MIN_LESION_VOLUME_MM3, DEFAULT_TUMOR_THRESHOLD
 from .errors import (
     ConfigurationError,
     InvalidInputError,
@@ -79,10 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "$LIVERTUMORAI_WEIGHTS_DIR, ~/.cache/livertumorai/weights, then the "
                          "bundled weights)")
 
-    segment.add_argument("--tumor-threshold", type=float, default=0.5, metavar="P",
+    segment.add_argument("--tumor-threshold", type=float, default=DEFAULT_TUMOR_THRESHOLD,
+                         metavar="P",
                          help="tumor probability (0-1) from which a voxel is tumor "
                          "(default: %(default)s)")
-    segment.add_argument("--min-lesion-mm3", type=float, default=20.0, metavar="MM3",
+    segment.add_argument("--min-lesion-mm3", type=float, default=DEFAULT_MIN_LESION_VOLUME_MM3,
+                         metavar="MM3",
                          help="lesions smaller than this volume in mm^3 are relabelled liver "
                          "(default: %(default)s)")
     segment.add_argument("--no-gating", action="store_true",

@@ -19,6 +19,8 @@ __all__ = [
     "SEGMENT_LIVER",
     "SEGMENT_TUMOR",
     "SegmentDefinition",
+    "DEFAULT_MIN_LESION_VOLUME_MM3",
+    "DEFAULT_TUMOR_THRESHOLD",
     "slice_class_from_labels",
 ]
 
@@ -32,6 +34,13 @@ SLICE_CLASS_NAMES = ("background", "tumor", "no tumor")
 LABEL_BACKGROUND = 0
 LABEL_LIVER = 1
 LABEL_TUMOR = 2
+
+# Tumor components smaller than this become liver: 65 mm3 is a sphere of 5 mm diameter, the
+# smallest lesion the U-Net is trained on (synthetic lesions span 5 to 60 mm). Smaller
+# components were mostly false positives on the validation CT.
+DEFAULT_MIN_LESION_VOLUME_MM3 = 65.0
+# Tumor probability from which a voxel is labelled tumor (softmax output, 0..1).
+DEFAULT_TUMOR_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)

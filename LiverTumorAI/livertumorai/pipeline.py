@@ -21,7 +21,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .constants import SLICE_CLASS_NAMES
+from .constants import (
+    DEFAULT_MIN_LESION_VOLUME_MM3,
+    DEFAULT_TUMOR_THRESHOLD,
+    SLICE_CLASS_NAMES,
+)
 from .geometry import AxialFrame, ImageGeometry, axial_frame
 from .inference import (
     CancelCheck,
@@ -90,8 +94,8 @@ class SegmentOptions:
 
     device: str = "auto"
     weights: str | None = None
-    tumor_threshold: float = 0.5
-    min_lesion_volume_mm3: float = 20.0
+    tumor_threshold: float = DEFAULT_TUMOR_THRESHOLD
+    min_lesion_volume_mm3: float = DEFAULT_MIN_LESION_VOLUME_MM3
     classifier_gating: bool = True
     gating_threshold: float = 0.05
     gating_margin_mm: float = 10.0

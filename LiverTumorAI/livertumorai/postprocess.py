@@ -21,7 +21,12 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from livertumorai.constants import LABEL_BACKGROUND, LABEL_LIVER, LABEL_TUMOR
+from livertumorai.constants import (
+    DEFAULT_MIN_LESION_VOLUME_MM3,
+    LABEL_BACKGROUND,
+    LABEL_LIVER,
+    LABEL_TUMOR,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class PostprocessOptions:
             the whole liver (liver plus tumor).
     """
 
-    min_lesion_volume_mm3: float = 20.0
+    min_lesion_volume_mm3: float = DEFAULT_MIN_LESION_VOLUME_MM3
     tumor_outside_liver_tolerance_mm: float = 5.0
     fill_holes: bool = True
     keep_largest_liver_component: bool = True

@@ -65,19 +65,31 @@ def test_tumor_free_liver_stays_tumor_free():
 
 
 def test_small_lesion_becomes_liver():
-    # Voxels of 2 x 1 x 1 mm = 2 mm3; the default minimum is 20 mm3.
+    # Voxels of 2 x 1 x 1 mm = 2 mm3, with a minimum lesion volume of 20 mm3.
     spacing_mm = (2.0, 1.0, 1.0)
+    options = PostprocessOptions(min_lesion_volume_mm3=20.0)
     labels = _box_liver()
     labels[6:8, 12:14, 12:14] = LABEL_TUMOR  # 8 voxels = 16 mm3
     labels[6:8, 20:22, 20:23] = LABEL_TUMOR  # 12 voxels = 24 mm3
     labels[11:12, 12:14, 20:25] = LABEL_TUMOR  # 10 voxels = 20 mm3, exactly the minimum
 
-    result = postprocess_labels(labels, spacing_mm)
+    result = postprocess_labels(labels, spacing_mm, options)
 
     assert np.all(result[6:8, 12:14, 12:14] == LABEL_LIVER)
     assert np.all(result[6:8, 20:22, 20:23] == LABEL_TUMOR)
     assert np.all(result[11:12, 12:14, 20:25] == LABEL_TUMOR)
     assert np.count_nonzero(result == LABEL_TUMOR) == 22
+
+
+def test_default_minimum_is_5mm_sphere():
+    labels = _box_liver()
+    labels[6:10, 12:16, 12:16] = LABEL_TUMOR  # 64 voxels = 64 mm3
+    labels[6:11, 20:24, 20:24] = LABEL_TUMOR  # 80 voxels = 80 mm3
+
+    result = postprocess_labels(labels, ISOTROPIC_1MM)
+
+    assert np.all(result[6:10, 12:16, 12:16] == LABEL_LIVER)
+    assert np.all(result[6:11, 20:24, 20:24] == LABEL_TUMOR)
 
 
 def test_small_lesion_kept_with_zero_minimum():
@@ -105,7 +117,7 @@ def test_all_components_kept_when_disabled():
     labels[1:3, 1:5, 1:5] = LABEL_LIVER
     labels[1:4, 35:38, 35:38] = LABEL_TUMOR  # 27 mm3
 
-    options = PostprocessOptions(keep_largest_liver_component=False)
+    options = PostprocessOptions(keep_largest_liver_component=False, min_lesion_volume_mm3=20.0)
     result = postprocess_labels(labels, ISOTROPIC_1MM, options)
 
     assert np.all(result[1:3, 1:5, 1:5] == LABEL_LIVER)
@@ -139,7 +151,8 @@ def test_tumor_near_liver_trimmed_at_tolerance():
     labels = _box_liver()
     labels[8:12, 14:18, 31:39] = LABEL_TUMOR
 
-    result = postprocess_labels(labels, ISOTROPIC_1MM)
+    result = postprocess_labels(labels, ISOTROPIC_1MM,
+                                PostprocessOptions(min_lesion_volume_mm3=20.0))
 
     assert np.all(result[8:12, 14:18, 31:35] == LABEL_TUMOR)  # 2 to 5 mm: kept
     assert not result[8:12, 14:18, 35:39].any()  # 6 to 9 mm: dropped
