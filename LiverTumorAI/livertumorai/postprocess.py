@@ -460,9 +460,8 @@ def _fill_holes_3d_and_slices(mask: np.ndarray, slice_axis_zyx: int) -> np.ndarr
 
     3-D holes are background regions not connected to the array border through
     face-adjacent (6-connected) background, the complement of 26-connected foreground.
-    The 2-D pass uses a structuring element that is flat along the slice axis, so the
-    background can only spread within a slice (4-connected). The first and last slices
-    of the volume therefore do not count as the border of the other slices.
+    The 2-D pass connects background only within a slice (4-connected) and counts only the
+    in-plane edges of each slice as its border.
     """
     filled = mask.copy()
     box = bounding_box(mask)
@@ -470,10 +469,31 @@ def _fill_holes_3d_and_slices(mask: np.ndarray, slice_axis_zyx: int) -> np.ndarr
         return filled
     # Outside the mask's bounding box all is background connected to the border, so
     # filling inside the box gives the same result at a fraction of the cost.
-    in_box = ndimage.binary_fill_holes(mask[box])
+    in_box = _fill_enclosed_background(mask[box], ndimage.generate_binary_structure(3, 1),
+                                       border_axes=(0, 1, 2))
     in_plane = np.expand_dims(ndimage.generate_binary_structure(2, 1), axis=slice_axis_zyx)
-    filled[box] = ndimage.binary_fill_holes(in_box, structure=in_plane)
+    in_plane_axes = tuple(axis for axis in range(3) if axis != slice_axis_zyx)
+    filled[box] = _fill_enclosed_background(in_box, in_plane, border_axes=in_plane_axes)
     return filled
+
+
+def _fill_enclosed_background(mask: np.ndarray, structure: np.ndarray,
+                              border_axes: tuple[int, ...]) -> np.ndarray:
+    """Add to `mask` the background components that touch no face of `border_axes`.
+
+    Labelling the background once is several times faster than
+    `scipy.ndimage.binary_fill_holes`, which propagates by repeated erosion.
+    """
+    background_ids, count = ndimage.label(~mask, structure=structure)
+    if count == 0:
+        return mask.copy()
+    touches_border = np.zeros(count + 1, dtype=bool)
+    for axis in border_axes:
+        for index in (0, -1):
+            touches_border[np.take(background_ids, index, axis=axis)] = True
+    enclosed = ~touches_border
+    enclosed[0] = False  # id 0 is the mask itself
+    return mask | enclosed[background_ids]
 
 
 def _slabs(array: np.ndarray, max_voxels: int) -> Iterator[slice]:
