@@ -125,6 +125,21 @@ def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool) 
     return model
 
 
+def _softmax_batches(model, stack_hu, preprocessor, indices, device, autocast_dtype,
+                     batch_size, channels_last, cancel):
+    """Yield (slice indices, float32 softmax probabilities) batch by batch."""
+    model = _prepare_model(model, device, channels_last)
+    with torch.inference_mode():
+        for batch in _batches(indices, batch_size):
+            _check_cancel(cancel)
+            images = preprocessor.images(stack_hu, batch).to(device)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with _autocast(device, autocast_dtype):
+                logits = model(images)
+            yield batch, torch.softmax(logits.float(), dim=1)
+
+
 def classify_slices(
     model: nn.Module,
     stack_hu: np.ndarray,
@@ -142,22 +157,17 @@ def classify_slices(
         (slices, 3) float32 softmax probabilities in class order 0 background, 1 tumor,
         2 no tumor, slices inferior to superior.
     """
-    model = _prepare_model(model, device, channels_last)
     indices = list(range(stack_hu.shape[0]))
     probabilities = np.zeros((len(indices), 3), dtype=np.float32)
     done = 0
-    with torch.inference_mode():
-        for batch in _batches(indices, batch_size):
-            _check_cancel(cancel)
-            images = preprocessor.images(stack_hu, batch).to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, autocast_dtype):
-                logits = model(images)
-            probabilities[batch] = torch.softmax(logits.float(), dim=1).cpu().numpy()
-            done += len(batch)
-            if progress:
-                progress("classify", done, len(indices), f"classified {done} of {len(indices)} slices")
+    for batch, batch_probabilities in _softmax_batches(
+        model, stack_hu, preprocessor, indices, device, autocast_dtype, batch_size,
+        channels_last, cancel,
+    ):
+        probabilities[batch] = batch_probabilities.cpu().numpy()
+        done += len(batch)
+        if progress:
+            progress("classify", done, len(indices), f"classified {done} of {len(indices)} slices")
     return probabilities
 
 
@@ -218,29 +228,23 @@ def segment_slices(
     cancel: CancelCheck | None = None,
 ) -> SegmentationMaps:
     """Run the U-Net on the given slices of an axial stack."""
-    model = _prepare_model(model, device, channels_last)
     shape = stack_hu.shape
     foreground = np.zeros(shape, dtype=np.uint8)
     tumor = np.zeros(shape, dtype=np.uint8)
     indices = [int(i) for i in slice_indices]
     done = 0
-    with torch.inference_mode():
-        for batch in _batches(indices, batch_size):
-            _check_cancel(cancel)
-            images = preprocessor.images(stack_hu, batch).to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, autocast_dtype):
-                logits = model(images)
-            probs = torch.softmax(logits.float(), dim=1)
-            restored = preprocessor.restore(probs, fill=(1.0, 0.0, 0.0))
-            scaled = (restored * _PROBABILITY_SCALE).round_().clamp_(0, _PROBABILITY_SCALE)
-            scaled = scaled.to(torch.uint8).cpu().numpy()
-            foreground[batch] = _PROBABILITY_SCALE - scaled[:, 0]
-            tumor[batch] = scaled[:, 2]
-            done += len(batch)
-            if progress:
-                progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")
+    for batch, probabilities in _softmax_batches(
+        model, stack_hu, preprocessor, indices, device, autocast_dtype, batch_size,
+        channels_last, cancel,
+    ):
+        restored = preprocessor.restore(probabilities, fill=(1.0, 0.0, 0.0))
+        scaled = (restored * _PROBABILITY_SCALE).round_().clamp_(0, _PROBABILITY_SCALE)
+        scaled = scaled.to(torch.uint8).cpu().numpy()
+        foreground[batch] = _PROBABILITY_SCALE - scaled[:, 0]
+        tumor[batch] = scaled[:, 2]
+        done += len(batch)
+        if progress:
+            progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")
     return SegmentationMaps(foreground=foreground, tumor=tumor,
                             segmented_slices=np.asarray(indices, dtype=np.int64))
 
