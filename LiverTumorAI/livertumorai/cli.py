@@ -7,6 +7,7 @@ with `--progress json` stdout carries one JSON object per line and nothing else.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -34,6 +35,7 @@ EXIT_INVALID_INPUT = 3
 EXIT_WEIGHTS = 4
 EXIT_OUT_OF_MEMORY = 5
 EXIT_CANCELLED = 6
+EXIT_OUTPUT_WRITE = 7
 
 EXIT_CODES_HELP = f"""\
 exit codes:
@@ -44,6 +46,8 @@ exit codes:
   {EXIT_WEIGHTS}  weights problem: manifest or weights file missing, corrupt or mismatched
   {EXIT_OUT_OF_MEMORY}  out of memory: lower --batch-size or use --device cpu
   {EXIT_CANCELLED}  cancelled by SIGINT or SIGTERM; no output folder was written
+  {EXIT_OUTPUT_WRITE}  writing the outputs failed (disk full, read-only or no permission);
+     no output folder was written
 """
 
 
@@ -99,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "slice (default: %(default)s)")
 
     segment.add_argument("--batch-size", type=int, default=16, metavar="N",
-                         help="slices per U-Net batch; lower it when memory runs out "
-                         "(default: %(default)s)")
+                         help="slices per U-Net batch (the classifier takes twice as many); "
+                         "lower it when memory runs out (default: %(default)s)")
     segment.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),
                          default="auto",
                          help="network arithmetic: auto picks bf16 on CPUs with AMX or "
@@ -204,7 +208,14 @@ def _exit_code_for(error: BaseException) -> tuple[int, str]:
         return EXIT_CANCELLED, error.code
     if _is_out_of_memory(error):
         return EXIT_OUT_OF_MEMORY, "out_of_memory"
+    if isinstance(error, OSError) and error.errno in _OUTPUT_WRITE_ERRNOS:
+        return EXIT_OUTPUT_WRITE, "output_write"
     return EXIT_UNEXPECTED, "unexpected"
+
+
+# Input files are read through the engine's reader, which turns its failures into
+# InvalidInputError, so these errno values come from writing the outputs.
+_OUTPUT_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
@@ -218,7 +229,9 @@ def _hint_for(error: BaseException, code: str) -> str:
         return error.hint
     if code == "out_of_memory":
         return "Lower --batch-size, close other programs, or use --device cpu."
-    return "Rerun with -vv and report the log."
+    if code == "output_write":
+        return "Free disk space or choose a writable output folder with -o."
+    return "Rerun with -vv and report the log: this is a bug."
 
 
 def _run_segment(args) -> int:

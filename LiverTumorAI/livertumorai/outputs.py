@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from livertumorai.constants import SEGMENT_LIVER, SEGMENT_TUMOR, SegmentDefinition
-from livertumorai.errors import InvalidInputError, OutputExistsError
+from livertumorai.errors import ConfigurationError, OutputExistsError
 from livertumorai.geometry import ImageGeometry, xyz_to_zyx
 
 logger = logging.getLogger(__name__)
@@ -80,14 +80,20 @@ class OutputFolder:
     Raises:
         OutputExistsError: `output_dir` exists, is not an empty folder, and `overwrite` is
             False. Raised here, before any work is done.
-        InvalidInputError: `output_dir` is a file, a parent of it is a file, or the nearest
-            existing parent folder is not writable.
+        ConfigurationError: `output_dir` is a file, a parent of it is a file, the nearest
+            existing parent folder is not writable, or replacing it would delete one of
+            `protected_paths`, the current folder, the home folder or the file system root.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False,
+                 protected_paths: Sequence[str | os.PathLike] = ()) -> None:
+        if not str(output_dir).strip():
+            raise ConfigurationError("The output folder is an empty string.",
+                                     "Pass a folder name with -o.")
         self.output_dir = Path(output_dir).expanduser().absolute()
         self.overwrite = overwrite
         self._temporary_dir: Path | None = None
+        _check_not_protected(self.output_dir, protected_paths)
         _check_output_dir(self.output_dir, overwrite)
 
     def __enter__(self) -> Path:
@@ -96,7 +102,7 @@ class OutputFolder:
             parent.mkdir(parents=True, exist_ok=True)
             self._temporary_dir = _make_sibling_dir(self.output_dir, "partial")
         except OSError as error:
-            raise InvalidInputError(
+            raise ConfigurationError(
                 f"Cannot create the output folder in {parent}: {error}.",
                 "Choose an output folder in a writable location.",
             ) from error
@@ -138,13 +144,41 @@ class OutputFolder:
         shutil.rmtree(old_dir, ignore_errors=True)
 
 
+def _check_not_protected(output_dir: Path, protected_paths: Sequence[str | os.PathLike]) -> None:
+    """Raise if replacing `output_dir` would delete the input or a folder the user works in.
+
+    The output folder is replaced as a whole with --overwrite, so it must not be the
+    current folder or one of its parents, the home folder, the root, the input itself or
+    a folder that contains the input.
+    """
+    resolved = output_dir.resolve()
+    reserved = {Path.cwd().resolve(), Path.home().resolve(), Path(resolved.anchor)}
+    reserved.update(Path.cwd().resolve().parents)
+    if resolved in reserved:
+        raise ConfigurationError(
+            f"The output folder {output_dir} is the current folder, one of its parents, "
+            "the home folder or the root, which an output folder replaces as a whole.",
+            "Choose a new folder for the outputs, for example -o outputs/case1.",
+        )
+    for protected in protected_paths:
+        protected = Path(protected).expanduser().resolve()
+        if protected == resolved or resolved in protected.parents:
+            raise ConfigurationError(
+                f"The output folder {output_dir} contains the input {protected}.",
+                "Choose an output folder outside the input's folder.",
+            )
+
+
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Raise unless `output_dir` can be created or (with `overwrite`) replaced."""
     hint_exists = "Pass --overwrite to replace it, or choose another output folder."
     if output_dir.is_file() or (_path_exists(output_dir) and not output_dir.is_dir()):
         if not overwrite:
-            raise OutputExistsError(f"The output path {output_dir} exists and is a file.", hint_exists)
-        raise InvalidInputError(
+            raise OutputExistsError(
+                f"The output path {output_dir} exists and is a file.",
+                "Choose another output folder; --overwrite replaces folders only.",
+            )
+        raise ConfigurationError(
             f"The output path {output_dir} is a file, not a folder, and is not replaced.",
             "Choose another output folder.",
         )
@@ -155,12 +189,12 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     while not _path_exists(ancestor):
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise InvalidInputError(
+        raise ConfigurationError(
             f"The output folder {output_dir} cannot be created because {ancestor} is a file.",
             "Choose an output folder whose parent is a folder.",
         )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InvalidInputError(
+        raise ConfigurationError(
             f"The output folder {output_dir} cannot be created because {ancestor} is not writable.",
             "Choose an output folder in a writable location.",
         )

@@ -10,6 +10,7 @@ The command line, the Slicer child process and the benchmark all call it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from .constants import (
     DEFAULT_TUMOR_THRESHOLD,
     SLICE_CLASS_NAMES,
 )
+from .errors import ConfigurationError, RunCancelledError
 from .geometry import AxialFrame, ImageGeometry, axial_frame
 from .inference import (
     CancelCheck,
@@ -110,23 +112,34 @@ class SegmentOptions:
 
     def validate(self) -> None:
         """Raise ConfigurationError for values outside their range."""
-        from .errors import ConfigurationError
+        for name, value in asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigurationError(f"Option {name} is {value}, not a finite number.",
+                                         "Pass a finite value.")
+        _check_range("tumor threshold", self.tumor_threshold, 0.0, 1.0, "P", False,
+                     "Use a probability such as 0.5.")
+        _check_range("minimum lesion volume", self.min_lesion_volume_mm3, 0.0, None, "mm3", True,
+                     "Use 0 to keep every lesion.")
+        _check_range("gating threshold", self.gating_threshold, 0.0, 1.0, "P", True,
+                     "Use a probability such as 0.05, or --no-gating.")
+        _check_range("gating margin", self.gating_margin_mm, 0.0, None, "mm", True,
+                     "Use a distance such as 10 mm.")
+        _check_range("batch size", self.batch_size, 1, None, "slices", True,
+                     "Use a positive number of slices such as 16.")
+        if self.threads is not None:
+            _check_range("thread count", self.threads, 1, None, "threads", True,
+                         "Use a positive number, or leave it out to use every core.")
 
-        if not 0.0 < self.tumor_threshold < 1.0:
-            raise ConfigurationError(f"tumor threshold {self.tumor_threshold} is outside (0, 1)",
-                                     "Use a probability such as 0.5.")
-        if self.min_lesion_volume_mm3 < 0:
-            raise ConfigurationError(
-                f"minimum lesion volume {self.min_lesion_volume_mm3} mm3 is negative",
-                "Use 0 to keep every lesion.")
-        if not 0.0 <= self.gating_threshold < 1.0:
-            raise ConfigurationError(f"gating threshold {self.gating_threshold} is outside [0, 1)")
-        if self.gating_margin_mm < 0:
-            raise ConfigurationError(f"gating margin {self.gating_margin_mm} mm is negative")
-        if self.batch_size < 1:
-            raise ConfigurationError(f"batch size {self.batch_size} must be at least 1")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigurationError(f"thread count {self.threads} must be at least 1")
+
+def _check_range(name: str, value, low, high, unit: str, low_inclusive: bool, hint: str) -> None:
+    """Raise ConfigurationError unless `value` lies in the range from `low` to `high`."""
+    too_low = value < low if low_inclusive else value <= low
+    too_high = high is not None and value >= high
+    if too_low or too_high:
+        bound = f"at least {low}" if low_inclusive else f"above {low}"
+        if high is not None:
+            bound += f" and below {high}"
+        raise ConfigurationError(f"The {name} {value} ({unit}) must be {bound}.", hint)
 
 
 @dataclass
@@ -191,6 +204,7 @@ def segment_ct(
     """
     options = options or SegmentOptions()
     options.validate()
+    output_dir = Path(output_dir).expanduser().absolute()  # fixed before the folder changes
     start = time.perf_counter()
     clock = _StageClock(progress)
     device = select_device(options.device)
@@ -202,7 +216,8 @@ def segment_ct(
     classifier_entry = manifest.model_for("classification")
     segmenter_entry = manifest.model_for("segmentation")
 
-    with OutputFolder(output_dir, overwrite=options.overwrite) as work_dir:
+    with OutputFolder(output_dir, overwrite=options.overwrite,
+                      protected_paths=[input_path]) as work_dir:
         classifier = load_model(classifier_entry, device)
         segmenter = load_model(segmenter_entry, device)
 
@@ -245,10 +260,7 @@ def segment_ct(
                 slice_axis_zyx=frame.input_slice_axis_zyx,
             )
             measurements = measure(labels_zyx, geometry, frame)
-        if cancel is not None and cancel():
-            from .errors import RunCancelledError
-
-            raise RunCancelledError("the run was cancelled", "Start it again when ready.")
+        _raise_if_cancelled(cancel)
 
         with clock.stage("write", f"writing outputs to {output_dir}"):
             data = _report_data(
@@ -262,10 +274,15 @@ def segment_ct(
         data["timings_s"] = {k: round(v, 3) for k, v in clock.timings_s.items()}
         data["timings_s"]["total"] = round(time.perf_counter() - start, 3)
         write_json(work_dir / OUTPUT_FILES["report"], data)
+        _raise_if_cancelled(cancel)  # a signal during writing still discards the folder
 
-    output_dir = Path(output_dir).resolve()
     logger.info("Done in %.1f s: %s", time.perf_counter() - start, data["summary"]["message"])
     return Report(output_dir=output_dir, measurements=measurements, data=data)
+
+
+def _raise_if_cancelled(cancel: CancelCheck | None) -> None:
+    if cancel is not None and cancel():
+        raise RunCancelledError("The run was cancelled.", "Start it again when ready.")
 
 
 def _array_view(image) -> np.ndarray:
@@ -354,6 +371,7 @@ def _report_data(ct: LoadedCT, geometry, frame, stack_shape, center_rc, probabil
         warnings.append(
             f"Oblique volume ({frame.obliquity_deg:.1f} degrees): slices were processed along "
             "the nearest axis.")
+    summary["warnings"] = warnings
     return {
         "software": {"name": "LiverTumorAI", "version": __version__},
         "input": {

@@ -471,7 +471,11 @@ def _fill_holes_3d_and_slices(mask: np.ndarray, slice_axis_zyx: int) -> np.ndarr
     # filling inside the box gives the same result at a fraction of the cost.
     in_box = _fill_enclosed_background(mask[box], ndimage.generate_binary_structure(3, 1),
                                        border_axes=(0, 1, 2))
-    in_plane = np.expand_dims(ndimage.generate_binary_structure(2, 1), axis=slice_axis_zyx)
+    # 4-connectivity within a slice: the 6-connected cross without its two neighbours
+    # along the slice axis.
+    in_plane = ndimage.generate_binary_structure(3, 1)
+    for offset in (0, 2):
+        in_plane[tuple(offset if axis == slice_axis_zyx else 1 for axis in range(3))] = False
     in_plane_axes = tuple(axis for axis in range(3) if axis != slice_axis_zyx)
     filled[box] = _fill_enclosed_background(in_box, in_plane, border_axes=in_plane_axes)
     return filled

@@ -190,6 +190,8 @@ def test_corrupt_weights_exit_code(shared_data_dir, tiny_weights, tmp_path, caps
     "extra, expected_text",
     [
         (["--tumor-threshold", "1.5"], "tumor threshold 1.5"),
+        (["--gating-margin-mm", "inf"], "not a finite number"),
+        (["--min-lesion-mm3", "nan"], "not a finite number"),
         (["--min-lesion-mm3", "-1"], "minimum lesion volume"),
         (["--batch-size", "0"], "batch size 0"),
         (["--device", "quantum"], "unknown device"),
@@ -304,3 +306,69 @@ def _with_nan() -> np.ndarray:
 
 
 _ = cli
+
+
+def test_overwrite_never_replaces_input_folder(shared_data_dir, tiny_weights, tmp_path, capsys):
+    folder = tmp_path / "case"
+    folder.mkdir()
+    source = folder / "ct.nii.gz"
+    source.write_bytes((shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz").read_bytes())
+
+    status = main(["segment", str(source), "-o", str(folder), "--weights", str(tiny_weights),
+                   "--overwrite"])
+
+    assert status == EXIT_USAGE
+    assert "contains the input" in capsys.readouterr().err
+    assert source.exists()
+
+
+def test_overwrite_never_replaces_current_folder(shared_data_dir, tiny_weights, tmp_path,
+                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+
+    status = main(["segment", str(shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz"),
+                   "-o", ".", "--weights", str(tiny_weights), "--overwrite"])
+
+    assert status == EXIT_USAGE
+    assert "current folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_cancel_during_write_discards_folder(shared_data_dir, tiny_weights, tmp_path):
+    from livertumorai.errors import RunCancelledError
+    from livertumorai.pipeline import SegmentOptions, segment_ct
+
+    stages = []
+
+    def progress(stage, done, total, message):
+        stages.append(stage)
+
+    output = tmp_path / "out"
+    with pytest.raises(RunCancelledError):
+        segment_ct(shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz", output,
+                   SegmentOptions(weights=str(tiny_weights)), progress=progress,
+                   cancel=lambda: "write" in stages)
+
+    assert "write" in stages
+    assert not output.exists()
+    _no_partial_folders(tmp_path)
+
+
+def test_done_event_carries_warnings(shared_data_dir, tiny_weights, tmp_path, capsys):
+    status = main(["segment", str(shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz"),
+                   "-o", str(tmp_path / "out"), "--weights", str(tiny_weights),
+                   "--progress", "json", "--gating-threshold", "0.9999", "--gating-margin-mm", "0"])
+
+    assert status == EXIT_OK
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert any("No liver found" in w for w in done["summary"]["warnings"])
+
+
+def test_disk_full_has_own_exit_code():
+    from livertumorai.cli import EXIT_OUTPUT_WRITE, _exit_code_for
+
+    status, code = _exit_code_for(OSError(28, "No space left on device"))
+
+    assert status == EXIT_OUTPUT_WRITE
+    assert code == "output_write"

@@ -537,3 +537,17 @@ def test_check_ct_image_rejects_line():
     image = sitk.GetImageFromArray(_synthetic_ct_zyx(size=32)[:, :1, :1])
     with pytest.raises(InvalidInputError, match="at least two axes"):
         check_ct_image(image, "synthetic")
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_nan_rejected(tmp_path, suffix):
+    """SimpleITK reads NaN in NIfTI as 0, so the reader scans the raw data itself."""
+    array = np.full((6, 32, 32), -1000.0, dtype=np.float32)
+    array[:, 8:24, 8:24] = 40.0
+    array[3, 16, 16] = np.nan
+    array[2, 10, 10] = np.inf
+    path = tmp_path / f"nan{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+
+    with pytest.raises(InvalidInputError, match="2 NaN or infinite"):
+        read_ct(path)

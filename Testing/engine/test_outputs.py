@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from livertumorai.constants import LABEL_LIVER, LABEL_TUMOR, SEGMENT_LIVER, SEGMENT_TUMOR
-from livertumorai.errors import InvalidInputError, OutputExistsError
+from livertumorai.errors import ConfigurationError, OutputExistsError
 from livertumorai.geometry import ImageGeometry
 from livertumorai.outputs import (
     OutputFolder,
@@ -501,7 +501,7 @@ def test_output_folder_file_without_overwrite(tmp_path):
 def test_output_folder_file_with_overwrite(tmp_path):
     target = tmp_path / "out"
     target.write_text("not a folder")
-    with pytest.raises(InvalidInputError, match="is a file"):
+    with pytest.raises(ConfigurationError, match="is a file"):
         OutputFolder(target, overwrite=True)
     assert target.read_text() == "not a folder"
 
@@ -528,7 +528,7 @@ def test_output_folder_overwrite_replaces(tmp_path):
 def test_output_folder_parent_is_file(tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    with pytest.raises(InvalidInputError, match="is a file"):
+    with pytest.raises(ConfigurationError, match="is a file"):
         OutputFolder(blocker / "out")
 
 
