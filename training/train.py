@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 list(split.train), len(split.val), list(split.val))
 
     training_info = {
-        "data_dirs": [str(Path(d).resolve()) for d in args.data_dir],
+        "data_dirs": [str(d) for d in args.data_dir],  # as given: no machine's absolute path
         "layout": args.layout,
         "split": split.to_dict(),
         "seed": args.seed,

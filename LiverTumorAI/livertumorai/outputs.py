@@ -62,6 +62,9 @@ _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 class OutputFolder:
     """Context manager that builds an output folder under a temporary name.
 
+    NOTE: a process killed with SIGKILL leaves its hidden `.{name}.partial-<random>` folder
+    behind; later runs do not remove it, because another run may still be writing there.
+
     Writes go into a hidden sibling folder (same parent, named `.{name}.partial-<random>`),
     which is renamed to `output_dir` when the `with` block ends without an exception. On
     any exception the temporary folder is removed and an existing `output_dir` is left

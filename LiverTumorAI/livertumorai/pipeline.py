@@ -349,7 +349,7 @@ def _summary(measurements: Measurements, probabilities: np.ndarray) -> dict:
         "tumor_found": tumor_found,
         "liver_volume_ml": round(measurements.liver_volume_ml, 3),
         "tumor_volume_ml": round(measurements.tumor_volume_ml, 3),
-        "tumor_burden_percent": round(measurements.tumor_burden_percent, 3),
+        "tumor_burden_percent": round(measurements.tumor_burden_percent, 2),
         "lesion_count": len(measurements.lesions),
         "slices_by_predicted_class": counts,
     }

@@ -83,9 +83,15 @@ class Preprocessing:
                 context_slices=int(data["context_slices"]),
                 context_step_mm=float(data["context_step_mm"]),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except KeyError as err:
             raise WeightsError(
-                f"invalid preprocessing block in {source}: {err!r}",
+                f"The preprocessing block in {source} has no field {err}.",
+                "Each model needs window_center_hu, window_width_hu, in_plane_spacing_mm, "
+                "input_size, context_slices and context_step_mm; re-export the weights.",
+            ) from err
+        except (TypeError, ValueError) as err:
+            raise WeightsError(
+                f"The preprocessing block in {source} is invalid: {err}.",
                 "Each model needs window_center_hu, window_width_hu, in_plane_spacing_mm, "
                 "input_size, context_slices and context_step_mm; re-export the weights.",
             ) from err
@@ -165,6 +171,10 @@ def find_manifest(weights: str | os.PathLike | None = None) -> Path:
                 f"Pass a {MANIFEST_NAME} file or a folder that contains one.",
             )
         return candidate.resolve()
+    override = os.environ.get(USER_WEIGHTS_ENV)
+    if override and not (Path(override).expanduser() / MANIFEST_NAME).is_file():
+        logger.warning("%s=%s holds no %s; using the bundled weights.", USER_WEIGHTS_ENV,
+                       override, MANIFEST_NAME)
     for folder in (user_weights_dir(), BUNDLED_WEIGHTS_DIR):
         if (folder / MANIFEST_NAME).is_file():
             return (folder / MANIFEST_NAME).resolve()
@@ -180,9 +190,14 @@ def load_manifest(weights: str | os.PathLike | None = None) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         raw_models = data["models"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except KeyError as err:
         raise WeightsError(
-            f"cannot parse the weights manifest {path}: {err}",
+            f"The weights manifest {path} has no {err} list.",
+            "Restore the file from the release or re-export it with training/export.py.",
+        ) from err
+    except (OSError, ValueError, TypeError) as err:
+        raise WeightsError(
+            f"Cannot parse the weights manifest {path}: {err}.",
             "Restore the file from the release or re-export it with training/export.py.",
         ) from err
     entries = tuple(_parse_entry(raw, path) for raw in raw_models)
@@ -266,7 +281,8 @@ def _verify_file(entry: ModelEntry) -> None:
         raise WeightsError(
             f"weights file {entry.path} for model {entry.name!r} is missing "
             f"(expected sha256 {entry.sha256})",
-            "Reinstall LiverTumorAI, copy the file next to the manifest, or pass --weights.",
+            f"Copy the file next to {entry.path.parent / MANIFEST_NAME}, point --weights at "
+            "a complete weights folder, or reinstall LiverTumorAI for the bundled weights.",
         )
     actual = sha256_of_file(entry.path)
     if actual != entry.sha256:

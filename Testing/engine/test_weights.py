@@ -97,7 +97,7 @@ def test_manifest_missing_field_rejected(weights_dir):
 def test_manifest_not_json_rejected(tmp_path):
     (tmp_path / MANIFEST_NAME).write_text("{ not json")
 
-    with pytest.raises(WeightsError, match="cannot parse"):
+    with pytest.raises(WeightsError, match="Cannot parse"):
         load_manifest(tmp_path)
 
 
