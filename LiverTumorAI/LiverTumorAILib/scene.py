@@ -101,6 +101,7 @@ SLICE_COLUMNS = (
     ("predicted_name", str, "", "Name of the predicted class"),
     ("liver_area_mm2", float, "mm2", "Area of liver (tumor included) in the slice"),
     ("tumor_area_mm2", float, "mm2", "Area of tumor in the slice"),
+    ("segmentation_class", int, "", "Class the segmentation implies (0, 1 or 2, as above)"),
     ("segmented", bool, "", "1 when the U-Net segmented this slice, 0 when gated off"),
 )
 LESION_COLUMNS = (

@@ -26,6 +26,7 @@ from .constants import (
     DEFAULT_MIN_LESION_VOLUME_MM3,
     DEFAULT_TUMOR_THRESHOLD,
     SLICE_CLASS_NAMES,
+    slice_class_from_labels,
 )
 from .errors import ConfigurationError, RunCancelledError
 from .geometry import AxialFrame, ImageGeometry, axial_frame
@@ -322,6 +323,9 @@ def _slice_rows(geometry, frame, probabilities, labels_zyx, slice_indices) -> li
             "predicted_name": SLICE_CLASS_NAMES[predicted],
             "liver_area_mm2": round(float(liver_mm2[stack_index]), 2),
             "tumor_area_mm2": round(float(tumor_mm2[stack_index]), 2),
+            # The class the segmentation implies, beside the classifier's own.
+            "segmentation_class": slice_class_from_labels(bool(liver_mm2[stack_index] > 0),
+                                                          bool(tumor_mm2[stack_index] > 0)),
             "segmented": bool(segmented[stack_index]),
         })
     rows.sort(key=lambda row: row["slice_index"])
