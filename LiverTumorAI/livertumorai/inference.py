@@ -237,11 +237,13 @@ def segment_slices(
         model, stack_hu, preprocessor, indices, device, autocast_dtype, batch_size,
         channels_last, cancel,
     ):
-        restored = preprocessor.restore(probabilities, fill=(1.0, 0.0, 0.0))
-        scaled = (restored * _PROBABILITY_SCALE).round_().clamp_(0, _PROBABILITY_SCALE)
+        # Only P(liver or tumor) and P(tumor) are kept, so only they are mapped back.
+        kept = torch.stack([1.0 - probabilities[:, 0], probabilities[:, 2]], dim=1)
+        restored = preprocessor.restore(kept, fill=(0.0, 0.0))
+        scaled = restored.mul_(_PROBABILITY_SCALE).round_().clamp_(0, _PROBABILITY_SCALE)
         scaled = scaled.to(torch.uint8).cpu().numpy()
-        foreground[batch] = _PROBABILITY_SCALE - scaled[:, 0]
-        tumor[batch] = scaled[:, 2]
+        foreground[batch] = scaled[:, 0]
+        tumor[batch] = scaled[:, 1]
         done += len(batch)
         if progress:
             progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")

@@ -279,7 +279,9 @@ def _draw_coronal(axes, ct, labels, spacing_mm) -> None:
 
 def _coronal_row(labels: np.ndarray) -> int:
     """Return the anterior-posterior row with the most tumor voxels, else liver, else the middle."""
-    for mask in (labels == LABEL_TUMOR, labels > 0):
+    # Every second slice and column is enough to find the row, at a quarter of the cost.
+    sample = labels[::2, :, ::2]
+    for mask in (sample == LABEL_TUMOR, sample > 0):
         voxels_per_row = np.count_nonzero(mask, axis=(0, 2))
         if voxels_per_row.max() > 0:
             return int(np.argmax(voxels_per_row))

@@ -29,10 +29,15 @@ BODY_THRESHOLD_HU = -500.0
 _BODY_SEARCH_STEP = 4  # voxels skipped per axis when locating the body (speed only)
 
 
-def window_to_unit(hu: torch.Tensor, center_hu: float, width_hu: float) -> torch.Tensor:
-    """Map an HU window linearly to [0, 1], clipping values outside it."""
+def window_to_unit(hu: torch.Tensor, center_hu: float, width_hu: float,
+                   inplace: bool = False) -> torch.Tensor:
+    """Map an HU window linearly to [0, 1], clipping values outside it.
+
+    With `inplace` the result overwrites `hu`, which saves two full-size temporaries.
+    """
     low = center_hu - width_hu / 2.0
-    return ((hu - low) / width_hu).clamp_(0.0, 1.0)
+    out = hu if inplace else hu.clone()
+    return out.sub_(low).div_(width_hu).clamp_(0.0, 1.0)
 
 
 def body_center_rc(stack_hu: np.ndarray) -> tuple[float, float]:
@@ -109,7 +114,8 @@ class SlicePreprocessor:
         """Return single slices windowed, resampled and cropped: (n, height, width) float32."""
         picked = stack_hu[np.asarray(slice_indices)]
         hu = torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
-        unit = window_to_unit(hu, self.prep.window_center_hu, self.prep.window_width_hu)
+        unit = window_to_unit(hu, self.prep.window_center_hu, self.prep.window_width_hu,
+                              inplace=True)  # `hu` is a fresh copy
         resampled = F.interpolate(unit[:, None], size=self.resampled_shape, mode="bilinear",
                                   align_corners=False, antialias=True).clamp_(0.0, 1.0)
         return self._crop(resampled, fill=0.0)[:, 0]
