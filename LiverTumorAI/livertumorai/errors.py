@@ -1,7 +1,7 @@
 """Exception types of the engine, one per kind of failure.
 
 The command line maps each type to its own exit code and to the `code` field of the JSON
-error event; the Slicer module shows `str(error)` and `error.hint` in a message box.
+error event. The Slicer module shows `str(error)` and `error.hint` in a message box.
 """
 
 from __future__ import annotations

@@ -238,8 +238,9 @@ def segment_slices(
         channels_last, cancel,
     ):
         # Only P(liver or tumor) and P(tumor) are kept, so only they are mapped back.
-        kept = torch.stack([1.0 - probabilities[:, 0], probabilities[:, 2]], dim=1)
-        restored = preprocessor.restore(kept, fill=(0.0, 0.0))
+        foreground_and_tumor = torch.stack([1.0 - probabilities[:, 0], probabilities[:, 2]],
+                                           dim=1)
+        restored = preprocessor.restore(foreground_and_tumor, fill=(0.0, 0.0))
         scaled = restored.mul_(_PROBABILITY_SCALE).round_().clamp_(0, _PROBABILITY_SCALE)
         scaled = scaled.to(torch.uint8).cpu().numpy()
         foreground[batch] = scaled[:, 0]

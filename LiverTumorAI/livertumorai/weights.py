@@ -54,7 +54,7 @@ _HASH_CHUNK_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How axial slices are prepared for one network.
+    """Slice preparation settings of one network.
 
     Attributes:
         window_center_hu, window_width_hu: HU window mapped to [0, 1] (values outside clip).
@@ -173,7 +173,7 @@ def find_manifest(weights: str | os.PathLike | None = None) -> Path:
         return candidate.resolve()
     override = os.environ.get(USER_WEIGHTS_ENV)
     if override and not (Path(override).expanduser() / MANIFEST_NAME).is_file():
-        logger.warning("%s=%s holds no %s; using the bundled weights.", USER_WEIGHTS_ENV,
+        logger.warning("%s=%s contains no %s; using the bundled weights.", USER_WEIGHTS_ENV,
                        override, MANIFEST_NAME)
     for folder in (user_weights_dir(), BUNDLED_WEIGHTS_DIR):
         if (folder / MANIFEST_NAME).is_file():

@@ -182,7 +182,8 @@ def test_corrupt_weights_exit_code(shared_data_dir, tiny_weights, tmp_path, caps
 
     assert status == EXIT_WEIGHTS
     error = capsys.readouterr().err
-    assert segmenter.name in error and "sha256" in error
+    assert segmenter.name in error
+    assert "sha256" in error
     assert not (tmp_path / "out").exists()
 
 
@@ -213,7 +214,8 @@ def test_help_lists_exit_codes_and_units(capsys):
 
     text = capsys.readouterr().out
     assert "exit codes" in text
-    assert "mm^3" in text and "(0-1)" in text
+    assert "mm^3" in text
+    assert "(0-1)" in text
 
 
 def test_json_progress_protocol(shared_data_dir, tiny_weights, tmp_path, capsys):

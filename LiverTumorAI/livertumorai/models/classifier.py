@@ -7,7 +7,7 @@ Output: (batch, 3) logits in the class order of `livertumorai.constants`
 Deviations from the textbook VGG16 (Simonyan and Zisserman, arXiv 1409.1556), and why:
 - Channel widths are divided by `width_divisor` (default 4: 16-32-64-128-128 instead of
   64-128-256-512-512). The full width costs about 15.5 GMAC per 224x224 slice and 138 M
-  parameters; the bundled weights must stay under 60 MB and a CT has hundreds of slices.
+  parameters, while the bundled weights must stay under 60 MB and a CT has hundreds of slices.
 - Batch normalisation after every convolution (torchvision's `vgg16_bn` layout), because the
   network is trained from scratch on few cases.
 - The three 4096-wide fully connected layers are replaced by global average pooling, dropout

@@ -5,12 +5,15 @@ windowed to [0, 1]; height and width divisible by 2 ** (len(features) - 1).
 Output: (batch, num_classes, height, width) logits, classes 0 background, 1 liver, 2 tumor.
 
 The layout follows Ronneberger et al. (arXiv 1505.04597): two 3x3 convolutions per level,
-max pooling down, transposed convolution up, skip connections by concatenation. Deviations:
-padded convolutions (output size equals input size), batch normalisation after each
-convolution, and configurable widths: the default has five levels of 16 to 256 channels
-instead of 64 to 1024, about 1.9 M parameters and 3.4 GFLOP per 192x192 slice. A 32-to-256
-variant (four levels) costs 10.4 GFLOP per slice and trained about 2.5 times slower on a
-2-core CPU, which is where the bundled weights were trained.
+max pooling down, transposed convolution up, skip connections by concatenation.
+
+Deviations:
+- padded convolutions, so the output size equals the input size;
+- batch normalisation after each convolution;
+- configurable widths. The default has five levels of 16 to 256 channels instead of 64 to
+  1024: about 1.9 M parameters and 3.4 GFLOP per 192x192 slice. A four-level 32-to-256
+  variant costs 10.4 GFLOP per slice and trained about 2.5 times slower on the 2-core CPU
+  the bundled weights were trained on.
 """
 
 from __future__ import annotations
