@@ -464,9 +464,17 @@ class LiverTumorAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 def mrmlTableRow(tableView, index) -> int:
-    """Return the table-node row of a clicked view index (the view may sort its rows)."""
+    """Return the table-node row of a clicked view index (the view may sort its rows).
+
+    `qMRMLTableModel.mrmlTableRowIndex` is a plain C++ method that Python cannot call, so
+    its rule is repeated here: without column names as header, model row 0 holds them.
+    """
     sourceIndex = tableView.sortFilterProxyModel().mapToSource(index)
-    return tableView.tableModel().mrmlTableRowIndex(sourceIndex)
+    row = sourceIndex.row()
+    tableNode = tableView.mrmlTableNode()
+    if tableNode is not None and not tableNode.GetUseColumnNameAsColumnHeader():
+        row -= 1
+    return row
 
 
 def summaryText(summary: dict) -> str:

@@ -215,11 +215,24 @@ def _install_torch() -> None:
         ) from error
     (torch_requirement,) = TORCH_REQUIREMENTS
     logic = PyTorchUtils.PyTorchUtilsLogic()
-    torch_module = logic.installTorch(
-        askConfirmation=False,
-        torchVersionRequirement=f">={torch_requirement.minimum_version}",
-        torchvisionVersionRequirement=TORCHVISION_REQUIREMENT,
-    )
+    arguments = {
+        "askConfirmation": False,
+        "torchVersionRequirement": f">={torch_requirement.minimum_version}",
+        "torchvisionVersionRequirement": TORCHVISION_REQUIREMENT,
+    }
+    try:
+        try:
+            torch_module = logic.installTorch(**arguments)
+        except TypeError:
+            # PyTorchUtils releases before torchvisionVersionRequirement existed.
+            del arguments["torchvisionVersionRequirement"]
+            torch_module = logic.installTorch(**arguments)
+    except Exception as error:  # the installer runs pip: any failure is reported the same way
+        raise DependencyError(
+            f"installing PyTorch failed: {error}",
+            "Open the 'PyTorch Util' module, install PyTorch there, restart Slicer and run "
+            "again.",
+        ) from error
     if torch_module is None:
         raise DependencyError(
             "PyTorch could not be installed",

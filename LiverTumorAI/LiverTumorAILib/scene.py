@@ -582,7 +582,7 @@ def _update_chart(scene, nodes: ResultNodes, name: str, input_volume) -> None:
     chart.SetTitle(f"{name}: slice class probabilities")
     chart.SetXAxisTitle("Slice index")
     chart.SetYAxisTitle("Probability")
-    chart.SetAttribute("LegendVisibility", "1")
+    chart.SetLegendVisibility(True)
     for column, legend, color in PROBABILITY_SERIES:
         series = _result_node(scene, nodes.series.get(column), "vtkMRMLPlotSeriesNode",
                               f"{name} {legend}", SERIES_ROLE_PREFIX + column, input_volume)
