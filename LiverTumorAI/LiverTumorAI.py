@@ -467,7 +467,7 @@ def mrmlTableRow(tableView, index) -> int:
     """Return the table-node row of a clicked view index (the view may sort its rows).
 
     `qMRMLTableModel.mrmlTableRowIndex` is a plain C++ method that Python cannot call, so
-    its rule is repeated here: without column names as header, model row 0 holds them.
+    its rule is repeated here: without column names as header, model row 0 contains them.
     """
     sourceIndex = tableView.sortFilterProxyModel().mapToSource(index)
     row = sourceIndex.row()

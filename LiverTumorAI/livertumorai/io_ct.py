@@ -365,7 +365,7 @@ def _check_nifti_data_size(path: Path, reader: sitk.ImageFileReader) -> None:
 
 # NIfTI datatype codes of floating-point voxels: float32, float64.
 _NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
-_NIFTI_HEADER_SIZE = 348  # sizeof_hdr of NIfTI-1, also tells the byte order
+_NIFTI_HEADER_SIZE = 348  # sizeof_hdr of NIfTI-1; its byte order is the file's byte order
 _FINITE_CHECK_CHUNK_BYTES = 1 << 24
 
 

@@ -158,7 +158,7 @@ def measure(labels_zyx: np.ndarray, geometry: ImageGeometry, frame: AxialFrame) 
         The measurements; lesions are ordered by volume, largest first.
 
     Raises:
-        ValueError: if the label map is not 3-D, holds values other than 0, 1 and 2, or
+        ValueError: if the label map is not 3-D, contains values other than 0, 1 and 2, or
             its shape does not match `geometry`.
     """
     _check_labels(labels_zyx)

@@ -63,7 +63,7 @@ class OutputFolder:
     """Context manager that builds an output folder under a temporary name.
 
     NOTE: a process killed with SIGKILL leaves its hidden `.{name}.partial-<random>` folder
-    behind; later runs do not remove it, because another run may still be writing there.
+    behind. Later runs do not remove it, because another run may still be writing there.
 
     Writes go into a hidden sibling folder (same parent, named `.{name}.partial-<random>`),
     which is renamed to `output_dir` when the `with` block ends without an exception. On

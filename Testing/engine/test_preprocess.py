@@ -110,5 +110,6 @@ def test_images_are_windowed(case_17):
 
     assert images.shape == (2, 3, 128, 128)
     assert images.dtype == torch.float32
-    assert 0.0 <= images.min() and images.max() <= 1.0
+    assert images.min() >= 0.0
+    assert images.max() <= 1.0
     assert images.mean() > 0.05
