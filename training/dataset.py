@@ -292,10 +292,10 @@ def split_cases(
         if unknown:
             raise ValueError(f"{name} names unknown case ids {unknown}; known: {sorted(known)}")
 
-    kept = [case for case in cases if case.case_id not in set(exclude)]
-    patients = sorted({case.patient_id for case in kept}, key=_natural_key)
+    included = [case for case in cases if case.case_id not in set(exclude)]
+    patients = sorted({case.patient_id for case in included}, key=_natural_key)
     if val_cases:
-        val_patients = {case.patient_id for case in kept if case.case_id in set(val_cases)}
+        val_patients = {case.patient_id for case in included if case.case_id in set(val_cases)}
     else:
         count = round(val_fraction * len(patients))
         if val_fraction > 0 and len(patients) >= 2:
@@ -304,8 +304,8 @@ def split_cases(
         random.Random(seed).shuffle(shuffled)
         val_patients = set(shuffled[:count])
 
-    train = tuple(c.case_id for c in kept if c.patient_id not in val_patients)
-    val = tuple(c.case_id for c in kept if c.patient_id in val_patients)
+    train = tuple(c.case_id for c in included if c.patient_id not in val_patients)
+    val = tuple(c.case_id for c in included if c.patient_id in val_patients)
     if not train:
         raise ValueError("no training case is left after the split; lower --val-fraction "
                          "or shorten --val-cases / --exclude")

@@ -13,7 +13,7 @@ Conventions:
   in JSON) for an empty reference with a non-empty prediction. ASSD is 0 when both are
   empty and undefined when only one is.
 - Lesions are 3-D connected components of tumor (26-connectivity). A reference lesion is
-  detected when any predicted tumor component overlaps it by at least one voxel; a
+  detected when any predicted tumor component overlaps it by at least one voxel. A
   predicted component is a true positive when it overlaps any reference lesion, else a
   false positive. Precision = true-positive predicted components / predicted components,
   recall = detected reference lesions / reference lesions; each is 1 when its denominator

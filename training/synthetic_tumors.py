@@ -18,8 +18,8 @@ How a lesion changes the CT (all choices here, not the paper's numbers):
   3-D orientation. Its surface is pushed in or out along the radius by a smooth random field
   of relative amplitude ``distortion`` (a cubic-spline interpolated noise lattice whose
   spacing scales with the lesion). The longest semi-axis is shrunk by ``1 + distortion`` so
-  that every changed voxel lies within ``diameter_mm / 2`` of the centre: the sampled
-  diameter bounds the lesion, and its extent along any axis never exceeds it.
+  that every changed voxel lies within ``diameter_mm / 2`` of the centre. The sampled
+  diameter is therefore the maximum extent of the lesion along any axis.
 * Edge: the blending weight goes from 1 to 0 with a smoothstep over the inner
   ``edge_softness_mm`` of the lesion, measured along the radius.
 * Intensity: the CT gets ``weight * (contrast_hu + texture_hu)`` added. The CT's own noise and

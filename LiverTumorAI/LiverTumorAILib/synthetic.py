@@ -22,8 +22,8 @@ def synthetic_ct_array(slices: int = 40, rows: int = 128, columns: int = 128) ->
 
     With an identity IJK-to-RAS direction, columns run towards the patient's right and rows
     towards the front. The volume contains air (-1000 HU) outside an elliptic body of soft
-    tissue (40 HU), a liver-like region on the patient's right (60 HU) with a darker lesion
-    (20 HU) in it, and a bony spine at the back (400 HU).
+    tissue (40 HU). Inside the body are a liver-like region on the patient's right (60 HU)
+    with a darker lesion (20 HU) and a bony spine at the back (400 HU).
     """
     z, y, x = np.mgrid[0:slices, 0:rows, 0:columns].astype(np.float32)
     centre_x, centre_y = (columns - 1) / 2.0, (rows - 1) / 2.0

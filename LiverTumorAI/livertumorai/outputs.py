@@ -253,8 +253,9 @@ def write_segmentation_nrrd(
 ) -> Path:
     """Write a label map as a Slicer segmentation file (`.seg.nrrd`).
 
-    The file contains one layer of uint8 voxels with the label values of `segments`, on
-    exactly the grid of `geometry` (size, spacing, origin, direction; space LPS; gzip).
+    The file contains one layer of uint8 voxels with the label values of `segments`. It
+    lies on exactly the grid of `geometry` (size, spacing, origin and direction), in LPS
+    space, gzip-compressed.
     Each segment gets its ID, name, colour, label value, layer 0, extent, terminology and
     status. A segment without voxels is still listed, with the empty extent
     `0 -1 0 -1 0 -1`. The segmentation's reference image geometry is set to the input

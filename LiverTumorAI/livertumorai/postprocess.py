@@ -150,11 +150,11 @@ def postprocess_labels(
        an exact nearest-neighbour search and equals a distance transform sampled at that
        spacing. A voxel exactly at the tolerance is kept. Without step 2 every tumor voxel is
        part of the whole liver and this step does nothing.
-    4. With ``fill_holes``, holes in the whole liver are filled, and the filled voxels
-       become liver: first 3-D holes (background not connected to the border of the
-       volume through face-adjacent background voxels), then 2-D holes in each slice
-       across ``slice_axis_zyx`` (background enclosed in-plane, through
-       edge-adjacent pixels), which catches vessels that leave the liver above or below.
+    4. With ``fill_holes``, holes in the whole liver are filled and become liver. First
+       come 3-D holes: background not connected to the border of the volume through
+       face-adjacent background voxels. Then come 2-D holes in each slice across
+       ``slice_axis_zyx``: background enclosed in-plane through edge-adjacent pixels,
+       which catches vessels that leave the liver above or below.
     5. With ``fill_holes``, holes inside tumors are filled the same way (3-D, then per
        slice), and the filled voxels become tumor.
     6. Tumor components (26-connected) with a volume below ``min_lesion_volume_mm3``
@@ -420,7 +420,7 @@ def _within_distance(
     Distances are Euclidean between voxel centres, in mm, so anisotropic spacing counts
     in full. They come from a k-d tree of the target's surface voxels (voxels with a
     face neighbour outside the target) rather than from a distance transform of the
-    whole box, because the tree needs memory only per surface voxel and per candidate.
+    whole box. The tree needs memory only per surface voxel and per candidate.
     The nearest target voxel to an outside point always has such a neighbour, on the
     side facing the point. Target voxels outside the candidates' bounding box grown by
     the tolerance are farther than the tolerance along one axis alone, so they are left
