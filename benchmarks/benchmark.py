@@ -173,7 +173,8 @@ class _NetworkTimer:
         if self._depth == 0 and self.enabled and args and hasattr(args[0], "shape"):
             if self._cuda:
                 self._torch.cuda.synchronize()
-            self._current = (type(module).__name__, module, tuple(args[0].shape))
+            name = getattr(module, "network_name", type(module).__name__)  # fused copies
+            self._current = (name, module, tuple(args[0].shape))
             self._start_s = time.perf_counter()
         self._depth += 1
 
@@ -223,6 +224,9 @@ def _flop_per_item(module, item_shape: tuple) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    # A fused copy's oneDNN calls are invisible to the counter; its source network performs
+    # the same multiply-adds.
+    module = getattr(module, "flop_reference", module)
     meta_copy = copy.deepcopy(module).to("meta").eval()
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         meta_copy(torch.zeros((1, *item_shape), device="meta"))

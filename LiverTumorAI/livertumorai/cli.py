@@ -16,7 +16,8 @@ import threading
 from collections.abc import Sequence
 
 from . import __version__
-from .constants import DEFAULT_MIN_LESION_VOLUME_MM3, DEFAULT_TUMOR_THRESHOLD
+from .constants import (DEFAULT_BATCH_SIZE, DEFAULT_MIN_LESION_VOLUME_MM3,
+                        DEFAULT_TUMOR_THRESHOLD)
 from .errors import (
     ConfigurationError,
     InvalidInputError,
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="also segment slices within this distance in mm of a gated "
                          "slice (default: %(default)s)")
 
-    segment.add_argument("--batch-size", type=int, default=16, metavar="N",
+    segment.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                          help="slices per U-Net batch (the classifier takes twice as many); "
                          "lower it when memory runs out (default: %(default)s)")
     segment.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"),

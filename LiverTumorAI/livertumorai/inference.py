@@ -20,6 +20,7 @@ from scipy import ndimage
 from torch import nn
 
 from .errors import ConfigurationError, RunCancelledError
+from .models.fused import fuse_for_inference
 from .preprocess import SlicePreprocessor
 
 logger = logging.getLogger(__name__)
@@ -118,24 +119,33 @@ def _check_cancel(cancel: CancelCheck | None) -> None:
         raise RunCancelledError("the run was cancelled", "Start it again when ready.")
 
 
-def _prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+def _prepare_model(model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None,
+                   channels_last: bool, fuse: bool):
+    """Return (model ready for inference, function that prepares its input batch)."""
+    if fuse:
+        fused = fuse_for_inference(model.eval(), autocast_dtype or torch.float32, device)
+        return fused, fused.prepare_input
     model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    if not channels_last:
+        return model, lambda images: images
+    model = model.to(memory_format=torch.channels_last)
+    return model, lambda images: images.contiguous(memory_format=torch.channels_last)
 
 
 def _softmax_batches(model, stack_hu, preprocessor, indices, device, autocast_dtype,
-                     batch_size, channels_last, cancel):
-    """Yield (slice indices, float32 softmax probabilities) batch by batch."""
-    model = _prepare_model(model, device, channels_last)
+                     batch_size, channels_last, fuse, cancel):
+    """Yield (slice indices, float32 softmax probabilities) batch by batch.
+
+    A fused model computes in `autocast_dtype` (float32 when None) without autocast; an
+    unfused one runs under autocast in that dtype.
+    """
+    model, prepare_input = _prepare_model(model, device, autocast_dtype, channels_last, fuse)
+    autocast = (lambda: nullcontext()) if fuse else (lambda: _autocast(device, autocast_dtype))
     with torch.inference_mode():
         for batch in _batches(indices, batch_size):
             _check_cancel(cancel)
-            images = preprocessor.images(stack_hu, batch).to(device)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with _autocast(device, autocast_dtype):
+            images = prepare_input(preprocessor.images(stack_hu, batch).to(device))
+            with autocast():
                 logits = model(images)
             yield batch, torch.softmax(logits.float(), dim=1)
 
@@ -148,6 +158,7 @@ def classify_slices(
     autocast_dtype: torch.dtype | None = None,
     batch_size: int = 32,
     channels_last: bool = True,
+    fuse: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> np.ndarray:
@@ -162,7 +173,7 @@ def classify_slices(
     done = 0
     for batch, batch_probabilities in _softmax_batches(
         model, stack_hu, preprocessor, indices, device, autocast_dtype, batch_size,
-        channels_last, cancel,
+        channels_last, fuse, cancel,
     ):
         probabilities[batch] = batch_probabilities.cpu().numpy()
         done += len(batch)
@@ -222,8 +233,9 @@ def segment_slices(
     slice_indices: Sequence[int],
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
-    batch_size: int = 16,
+    batch_size: int = 8,
     channels_last: bool = True,
+    fuse: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
 ) -> SegmentationMaps:
@@ -235,7 +247,7 @@ def segment_slices(
     done = 0
     for batch, probabilities in _softmax_batches(
         model, stack_hu, preprocessor, indices, device, autocast_dtype, batch_size,
-        channels_last, cancel,
+        channels_last, fuse, cancel,
     ):
         # Only P(liver or tumor) and P(tumor) are kept, so only they are mapped back.
         foreground_and_tumor = torch.stack([1.0 - probabilities[:, 0], probabilities[:, 2]],

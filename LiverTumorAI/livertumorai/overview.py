@@ -58,6 +58,11 @@ MIN_CORONAL_SLICES = 3
 # is under 400 pixels wide in the PNG, so more voxels only cost drawing time.
 MAX_DISPLAY_PIXELS = 384
 
+# Figure fractions around and between the panels (left to right, bottom to top).
+_GRID_MARGINS = {"left": 0.03, "right": 0.99, "bottom": 0.07, "top": 0.92,
+                 "wspace": 0.22, "hspace": 0.18}
+_PNG_COMPRESS_LEVEL = 1
+
 # Line colours of the class probabilities, in SLICE_CLASS_NAMES order.
 _PROBABILITY_COLORS = ("tab:gray", "tab:red", "tab:blue")
 _MARKER_COLOR = "yellow"
@@ -104,10 +109,11 @@ def write_overview_png(
     _check_inputs(ct, labels, spacing_mm, probabilities)
     axial_slices, reason = choose_axial_slices(labels, lesion_slices)
 
-    # Constrained layout keeps titles, labels and legends from overlapping.
-    figure = Figure(figsize=OVERVIEW_SIZE_IN, dpi=OVERVIEW_DPI, constrained_layout=True)
+    # Fixed margins instead of constrained layout, which measured every text twice and took
+    # about 40 % of the drawing time; the layout of this figure never changes.
+    figure = Figure(figsize=OVERVIEW_SIZE_IN, dpi=OVERVIEW_DPI)
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(2, MAX_AXIAL_VIEWS, height_ratios=(1.15, 1.0))
+    grid = figure.add_gridspec(2, MAX_AXIAL_VIEWS, height_ratios=(1.15, 1.0), **_GRID_MARGINS)
     figure.suptitle(title)
 
     for position in range(MAX_AXIAL_VIEWS):
@@ -120,7 +126,9 @@ def write_overview_png(
     _draw_probabilities(figure.add_subplot(grid[1, 1:]), probabilities, axial_slices)
 
     with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=OVERVIEW_DPI)
+        # Fast zlib level: a slightly larger file for a third of the encoding time.
+        figure.savefig(temporary, format="png", dpi=OVERVIEW_DPI,
+                       pil_kwargs={"compress_level": _PNG_COMPRESS_LEVEL})
     logger.info("Wrote overview %s (axial slices %s)", path, axial_slices)
     return path
 
@@ -312,5 +320,5 @@ def _draw_probabilities(axes, probabilities: np.ndarray, axial_slices: Sequence[
     axes.set_ylim(-0.02, 1.02)
     axes.set_xlabel("Axial slice (inferior to superior); dotted: slices shown above")
     axes.set_ylabel("Slice class probability")
-    axes.legend(loc="best", fontsize=8, framealpha=0.8)
+    axes.legend(loc="upper right", fontsize=8, framealpha=0.8)  # "best" scans every point
     axes.grid(alpha=0.3)

@@ -23,6 +23,7 @@ import torch
 
 from . import __version__
 from .constants import (
+    DEFAULT_BATCH_SIZE,
     DEFAULT_MIN_LESION_VOLUME_MM3,
     DEFAULT_TUMOR_THRESHOLD,
     SLICE_CLASS_NAMES,
@@ -102,7 +103,7 @@ class SegmentOptions:
     classifier_gating: bool = True
     gating_threshold: float = 0.05
     gating_margin_mm: float = 10.0
-    batch_size: int = 16
+    batch_size: int = DEFAULT_BATCH_SIZE
     precision: str = "auto"
     plain: bool = False
     threads: int | None = None
@@ -237,6 +238,7 @@ def segment_ct(
             probabilities = classify_slices(
                 classifier, stack_hu, classifier_prep, device, autocast_dtype,
                 batch_size=max(options.batch_size, 1) * 2, channels_last=channels_last,
+                fuse=not options.plain,
                 progress=progress, cancel=cancel,
             )
         gated = options.classifier_gating and not options.plain
@@ -251,6 +253,7 @@ def segment_ct(
             maps = segment_slices(
                 segmenter, stack_hu, segmenter_prep, slice_indices, device, autocast_dtype,
                 batch_size=options.batch_size, channels_last=channels_last,
+                fuse=not options.plain,
                 progress=progress, cancel=cancel,
             )
         with clock.stage("postprocess", "cleaning up the label map and measuring lesions"):

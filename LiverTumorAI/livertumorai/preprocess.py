@@ -96,6 +96,11 @@ class SlicePreprocessor:
         step = max(1, round(preprocessing.context_step_mm / float(stack_spacing_mm[0])))
         self.context_offsets = np.arange(-preprocessing.context_slices,
                                          preprocessing.context_slices + 1) * step
+        # Slices prepared by the last `images` call: consecutive batches share context
+        # slices, so each is windowed and resampled once instead of up to twice.
+        self._last_stack: np.ndarray | None = None
+        self._last_indices = np.empty(0, dtype=np.int64)
+        self._last_prepared: torch.Tensor | None = None
 
     def context_indices(self, slice_indices: Sequence[int]) -> np.ndarray:
         """Return (batch, channels) stack indices of each slice's context, clamped at the ends."""
@@ -103,12 +108,31 @@ class SlicePreprocessor:
         return np.clip(indices, 0, self.num_slices - 1)
 
     def images(self, stack_hu: np.ndarray, slice_indices: Sequence[int]) -> torch.Tensor:
-        """Return network input (batch, channels, height, width), float32 in [0, 1]."""
+        """Return network input (batch, channels, height, width), float32 in [0, 1].
+
+        Slices prepared by the previous call on the same stack object are reused, so
+        `stack_hu` must not change in place between calls.
+        """
         context = self.context_indices(slice_indices)
         # Neighbouring samples share context slices, so each slice is prepared once.
         unique, inverse = np.unique(context, return_inverse=True)
-        prepared = self.prepare_slices(stack_hu, unique)
+        prepared = self._prepare_reusing_last(stack_hu, unique)
         return prepared[torch.from_numpy(inverse.reshape(context.shape))]
+
+    def _prepare_reusing_last(self, stack_hu: np.ndarray, unique: np.ndarray) -> torch.Tensor:
+        reusable = (np.isin(unique, self._last_indices) if self._last_stack is stack_hu
+                    else np.zeros(len(unique), dtype=bool))
+        if not reusable.any():
+            prepared = self.prepare_slices(stack_hu, unique)
+        else:
+            prepared = torch.empty((len(unique), *self.prep.input_size), dtype=torch.float32)
+            positions = np.searchsorted(self._last_indices, unique[reusable])
+            prepared[torch.from_numpy(reusable)] = self._last_prepared[torch.from_numpy(positions)]
+            if not reusable.all():
+                missing = torch.from_numpy(~reusable)
+                prepared[missing] = self.prepare_slices(stack_hu, unique[~reusable])
+        self._last_stack, self._last_indices, self._last_prepared = stack_hu, unique, prepared
+        return prepared
 
     def prepare_slices(self, stack_hu: np.ndarray, slice_indices: Sequence[int]) -> torch.Tensor:
         """Return single slices windowed, resampled and cropped: (n, height, width) float32."""

@@ -113,3 +113,30 @@ def test_images_are_windowed(case_17):
     assert images.min() >= 0.0
     assert images.max() <= 1.0
     assert images.mean() > 0.05
+
+
+def test_overlapping_batches_reuse_prepared_slices_exactly():
+    rng = np.random.default_rng(3)
+    stack = rng.normal(0, 300, (20, 48, 40)).astype(np.float32)
+    prep = Preprocessing(40, 400, 1.5, (32, 32), 2, 2.0)
+    reused = SlicePreprocessor(prep, stack.shape, (1.0, 1.0, 1.0), (24, 20))
+
+    batches = [reused.images(stack, range(start, start + 4)) for start in range(0, 20, 4)]
+
+    for start, batch in zip(range(0, 20, 4), batches):
+        fresh = SlicePreprocessor(prep, stack.shape, (1.0, 1.0, 1.0), (24, 20))
+        torch.testing.assert_close(batch, fresh.images(stack, range(start, start + 4)),
+                                   rtol=0, atol=0)
+
+
+def test_another_stack_is_not_served_from_the_previous_one():
+    stack = np.full((6, 32, 32), -1000.0, dtype=np.float32)
+    other = np.full((6, 32, 32), 100.0, dtype=np.float32)
+    prep = Preprocessing(40, 400, 1.0, (32, 32), 1, 1.0)
+    preprocessor = SlicePreprocessor(prep, stack.shape, (1.0, 1.0, 1.0), (16, 16))
+
+    first = preprocessor.images(stack, [2, 3])
+    second = preprocessor.images(other, [2, 3])
+
+    assert float(first.max()) == 0.0
+    assert float(second.min()) > 0.5
