@@ -70,6 +70,7 @@ TORCHVISION_REQUIREMENT = ">=0.16"
 PIP_REQUIREMENTS = (
     Requirement("safetensors", "0.4", "pip"),
     Requirement("scipy", "1.9", "pip"),
+    Requirement("connected-components-3d", "3.12", "pip"),  # imported as cc3d
     # NOTE: the engine imports matplotlib (overview image) even with --no-overview.
     Requirement("matplotlib", "3.5", "pip"),
 )

@@ -65,7 +65,7 @@ SLICE_SPACING_TOLERANCE = 0.1
 
 # Largest number of voxels the percentile checks look at. Larger volumes are subsampled with a
 # regular stride, which is enough for percentiles of 0.5 % and above.
-_PERCENTILE_SAMPLE_VOXELS = 1 << 22
+_PERCENTILE_SAMPLE_VOXELS = 1 << 20
 
 _CT_MODALITY = "CT"
 _TAG_MODALITY = "0008|0060"
@@ -181,8 +181,8 @@ def read_ct(path: str | os.PathLike) -> LoadedCT:
             image, warnings = _read_image_file(source_path), []
 
     image, shape_warnings = _as_volume(image, source)
+    check_warnings = check_ct_image(image, source)  # on the stored type: less to scan
     image = sitk.Cast(image, sitk.sitkFloat32)
-    check_warnings = check_ct_image(image, source)
     image, floor_warnings = _raise_to_hu_floor(image, source)
     warnings = [*warnings, *shape_warnings, *check_warnings, *floor_warnings]
     for warning in warnings:
@@ -796,8 +796,9 @@ def _check_spacing(image: sitk.Image, source: str) -> None:
 
 def _check_hu_values(array: np.ndarray, source: str) -> None:
     """Raise unless the voxel values look like CT in Hounsfield units."""
-    finite = np.isfinite(array)
-    if not finite.all():
+    # Integer voxels are always finite.
+    finite = np.isfinite(array) if np.issubdtype(array.dtype, np.floating) else True
+    if not np.all(finite):
         num_nan = int(np.count_nonzero(np.isnan(array)))
         num_inf = int(array.size - np.count_nonzero(finite) - num_nan)
         raise InvalidInputError(

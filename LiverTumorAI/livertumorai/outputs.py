@@ -318,19 +318,19 @@ def _labels_as_uint8(
         )
     if labels.dtype != np.bool_ and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"The label map has dtype {labels.dtype}; pass an integer label map.")
-    if labels.size and (labels.min() < 0 or labels.max() > 255):
+    low, high = (int(labels.min()), int(labels.max())) if labels.size else (0, 0)
+    if low < 0 or high > 255:
         raise ValueError(
-            f"The label map contains values from {labels.min()} to {labels.max()}; "
+            f"The label map contains values from {low} to {high}; "
             "label values must lie in 0..255."
         )
     labels = labels.astype(np.uint8, copy=False)
     if allowed_values is not None:
-        # np.unique or np.bincount would allocate an int64 copy of the whole map.
-        allowed = np.zeros(256, dtype=bool)
-        allowed[[0, *allowed_values]] = True
-        unexpected = []
-        if not allowed[labels].all():
-            unexpected = sorted(int(v) for v in np.unique(labels[~allowed[labels]]))
+        # One comparison per value in [low, high] that no segment uses; a lookup table
+        # indexed by the map would cost a gather over every voxel.
+        allowed = {0, *allowed_values}
+        unexpected = [value for value in range(low, high + 1)
+                      if value not in allowed and np.any(labels == value)]
         if unexpected:
             raise ValueError(
                 f"The label map contains values {unexpected} that belong to no segment "

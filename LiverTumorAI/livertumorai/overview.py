@@ -109,8 +109,8 @@ def write_overview_png(
     _check_inputs(ct, labels, spacing_mm, probabilities)
     axial_slices, reason = choose_axial_slices(labels, lesion_slices)
 
-    # Fixed margins instead of constrained layout, which measured every text twice and took
-    # about 40 % of the drawing time; the layout of this figure never changes.
+    # Fixed margins replace constrained layout, which took about 40 % of the drawing time.
+    # The layout of this figure never changes, so nothing needs measuring.
     figure = Figure(figsize=OVERVIEW_SIZE_IN, dpi=OVERVIEW_DPI)
     FigureCanvasAgg(figure)
     grid = figure.add_gridspec(2, MAX_AXIAL_VIEWS, height_ratios=(1.15, 1.0), **_GRID_MARGINS)

@@ -121,3 +121,12 @@ def test_segmentation_maps_agree_with_and_without_fusion(onednn):
 
     difference = np.abs(unfused.foreground.astype(int) - fused.foreground.astype(int))
     assert difference.max() <= 1  # uint8 rounding of the same probabilities
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 4, 7, 9), (2, 2, 3, 5)])
+def test_max_pool_matches_torch_including_odd_sizes(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+
+    pooled = fused_module._MaxPool2x2()(x.contiguous(memory_format=torch.channels_last))
+
+    torch.testing.assert_close(pooled, nn.MaxPool2d(2)(x), rtol=0, atol=0)

@@ -69,7 +69,8 @@ def test_constraints_cover_slicer_packages():
 def test_pip_install_arguments():
     arguments = pip_install_arguments(PIP_REQUIREMENTS, "/tmp/constraints.txt")
 
-    assert arguments == ["safetensors>=0.4", "scipy>=1.9", "matplotlib>=3.5",
+    assert arguments == ["safetensors>=0.4", "scipy>=1.9", "connected-components-3d>=3.12",
+                         "matplotlib>=3.5",
                          "--constraint", "/tmp/constraints.txt", "--only-binary", ":all:"]
 
 

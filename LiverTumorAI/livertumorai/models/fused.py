@@ -14,7 +14,9 @@ copies made here remove that overhead without changing the arithmetic:
 - a U-Net decoder's first convolution over ``cat([up, skip])`` is split by input channels
   into ``conv(up, W_up) + conv(skip, W_skip)``, the sum fused into the second call;
 - weights are stored once in the compute dtype and channels-last layout, so no autocast
-  cast runs per batch.
+  cast runs per batch;
+- 2x2 max pooling is the maximum of four strided views. `max_pool2d` also writes int64
+  indices, and took four times as long on the U-Net's first level.
 
 The copies hold no training state and accept inputs already in their dtype and layout
 (`FusedNetwork.prepare_input`). `flop_reference` keeps the original network, because the
@@ -123,6 +125,26 @@ class _ConvReLU(nn.Module):
         return y.relu_() if self.relu else y
 
 
+class _MaxPool2x2(nn.Module):
+    """2x2 max pooling with stride 2 (odd rows or columns dropped, as `MaxPool2d(2)` does)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+        x = x[..., :height, :width]
+        rows_even = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+        rows_odd = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+        return torch.maximum(rows_even, rows_odd)
+
+
+def _is_2x2_max_pool(module: nn.Module) -> bool:
+    def pair(value):
+        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    return (isinstance(module, nn.MaxPool2d) and pair(module.kernel_size) == (2, 2)
+            and pair(module.stride) == (2, 2) and pair(module.padding) == (0, 0)
+            and pair(module.dilation) == (1, 1) and not module.ceil_mode
+            and not module.return_indices)
+
+
 def _fuse_sequential(block: nn.Sequential, dtype, device, use_onednn) -> nn.Sequential:
     """Replace each Conv2d[-BatchNorm2d][-ReLU] run of `block` by one `_ConvReLU`."""
     layers = list(block)
@@ -131,6 +153,9 @@ def _fuse_sequential(block: nn.Sequential, dtype, device, use_onednn) -> nn.Sequ
     while index < len(layers):
         layer = layers[index]
         index += 1
+        if _is_2x2_max_pool(layer):
+            fused.append(_MaxPool2x2())
+            continue
         if not isinstance(layer, nn.Conv2d):
             fused.append(_cast(layer, dtype, device))
             continue
@@ -179,7 +204,7 @@ class FusedUNet2D(FusedNetwork):
         self.downsampling_factor = source.downsampling_factor
         self.encoders = nn.ModuleList(
             _fuse_sequential(encoder, dtype, device, use_onednn) for encoder in source.encoders)
-        self.pool = source.pool
+        self.pool = _MaxPool2x2() if _is_2x2_max_pool(source.pool) else source.pool
         self.upsamplers = nn.ModuleList(
             _cast(upsampler, dtype, device).to(memory_format=torch.channels_last)
             for upsampler in source.upsamplers)
