@@ -43,7 +43,14 @@ import SimpleITK as sitk
 from scipy import ndimage
 from scipy.stats import rankdata
 
-from livertumorai.constants import LABEL_TUMOR, SLICE_CLASS_NAMES, slice_class_from_labels
+from livertumorai.constants import (
+    DEFAULT_MIN_LESION_VOLUME_MM3,
+    DEFAULT_TUMOR_THRESHOLD,
+    LABEL_TUMOR,
+    SLICE_CLASS_NAMES,
+    slice_class_from_labels,
+)
+from livertumorai.errors import ConfigurationError
 from livertumorai.geometry import ImageGeometry, axial_frame, xyz_to_zyx
 from training.dataset import LAYOUTS, CaseRecord, select_cases
 
@@ -439,11 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-gating", action="store_true",
                         help="with --weights: run the U-Net on every slice, not only on "
                              "slices the classifier finds liver in")
+    parser.add_argument("--tumor-threshold", type=float, default=DEFAULT_TUMOR_THRESHOLD,
+                        help="with --weights: engine tumor probability threshold (0..1)")
+    parser.add_argument("--min-lesion-mm3", type=float, default=DEFAULT_MIN_LESION_VOLUME_MM3,
+                        help="with --weights: engine minimum lesion volume in mm3")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.weights:
+        try:
+            _engine_options(args)
+        except ConfigurationError as err:
+            parser.error(f"{err.message} {err.hint}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -540,13 +557,23 @@ def _selected_cases(args: argparse.Namespace) -> list[CaseRecord]:
         raise SystemExit(str(err)) from err
 
 
-def _run_engine(record: CaseRecord, case_dir: Path, args: argparse.Namespace) -> None:
-    from livertumorai.pipeline import SegmentOptions, segment_ct
+def _engine_options(args: argparse.Namespace):
+    """Return the engine settings of a --weights run, checked (ConfigurationError if not)."""
+    from livertumorai.pipeline import SegmentOptions
 
     options = SegmentOptions(weights=args.weights, device=args.device, precision=args.precision,
-                             classifier_gating=not args.no_gating, write_labelmap=True,
+                             classifier_gating=not args.no_gating,
+                             tumor_threshold=args.tumor_threshold,
+                             min_lesion_volume_mm3=args.min_lesion_mm3, write_labelmap=True,
                              write_overview=False, overwrite=True)
-    segment_ct(record.image_path, case_dir, options)
+    options.validate()
+    return options
+
+
+def _run_engine(record: CaseRecord, case_dir: Path, args: argparse.Namespace) -> None:
+    from livertumorai.pipeline import segment_ct
+
+    segment_ct(record.image_path, case_dir, _engine_options(args))
 
 
 if __name__ == "__main__":

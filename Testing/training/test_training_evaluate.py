@@ -200,3 +200,16 @@ def test_command_line_on_written_files(tmp_path):
     assert case["slice_confusion"] == [[1, 0, 1], [0, 1, 0], [0, 0, 1]]
     assert report["summary"]["liver_dice_global"] == pytest.approx(2 / 3)
     assert "| case1 |" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+@pytest.mark.parametrize("option, value", [("--min-lesion-mm3", "-5"),
+                                           ("--tumor-threshold", "1.5"),
+                                           ("--tumor-threshold", "nan")])
+def test_bad_engine_setting_stops_before_any_case_runs(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data-dir", str(tmp_path), "--weights", str(tmp_path), "--output-dir",
+              str(tmp_path / "eval"), option, value])
+
+    assert stopped.value.code == 2
+    assert value in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
