@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="range of synthetic lesion diameters in mm (default 5 60)")
     synthesis.add_argument("--synthetic-count", type=int, nargs=2, metavar=("MIN", "MAX"),
                            help="synthetic lesions per slice (default 1 3)")
+    synthesis.add_argument("--synthetic-max-outside-fraction", type=float, metavar="F",
+                           help="largest share (0-1) of a lesion's core that may lie outside "
+                                "the liver and is cut off there (default 0.3)")
 
     model = parser.add_argument_group("model and optimisation")
     model.add_argument("--features", type=int, nargs="+",
@@ -162,6 +165,8 @@ def synthetic_tumor_config_from_args(args: argparse.Namespace) -> SyntheticTumor
         overrides["diameter_range_mm"] = tuple(args.synthetic_diameter_mm)
     if args.synthetic_count:
         overrides["count_range"] = tuple(args.synthetic_count)
+    if args.synthetic_max_outside_fraction is not None:
+        overrides["max_outside_fraction"] = args.synthetic_max_outside_fraction
     return SyntheticTumorConfig(**overrides)
 
 
