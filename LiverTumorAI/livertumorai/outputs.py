@@ -326,8 +326,8 @@ def _labels_as_uint8(
         )
     labels = labels.astype(np.uint8, copy=False)
     if allowed_values is not None:
-        # One comparison per value in [low, high] that no segment uses; a lookup table
-        # indexed by the map would cost a gather over every voxel.
+        # One comparison per unused value in [low, high]. A lookup table indexed by the map
+        # would gather over every voxel.
         allowed = {0, *allowed_values}
         unexpected = [value for value in range(low, high + 1)
                       if value not in allowed and np.any(labels == value)]

@@ -205,6 +205,13 @@ def test_segmentation_on_real_oblique_labels(tmp_path, shared_data_dir):
     assert np.count_nonzero(labels == LABEL_TUMOR) > 0
 
 
+def _labels_with(values) -> np.ndarray:
+    """A (5, 6, 7) label map holding 0 and one voxel of each of `values`."""
+    labels = np.zeros((5, 6, 7), dtype=np.uint8)
+    labels.flat[1:1 + len(values)] = values
+    return labels
+
+
 @pytest.mark.parametrize(
     "labels, message",
     [
@@ -212,6 +219,7 @@ def test_segmentation_on_real_oblique_labels(tmp_path, shared_data_dir):
         (np.zeros((5, 6, 7), dtype=np.float32), "dtype"),
         (np.full((5, 6, 7), 3, dtype=np.uint8), r"\[3\]"),
         (np.full((5, 6, 7), -1, dtype=np.int16), "0..255"),
+        (_labels_with(values=(1, 2, 4, 7)), r"\[4, 7\]"),
     ],
 )
 def test_segmentation_rejects_bad_labels(tmp_path, labels, message):

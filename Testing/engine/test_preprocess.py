@@ -129,7 +129,7 @@ def test_overlapping_batches_reuse_prepared_slices_exactly():
                                    rtol=0, atol=0)
 
 
-def test_another_stack_is_not_served_from_the_previous_one():
+def test_second_stack_gets_its_own_slices():
     stack = np.full((6, 32, 32), -1000.0, dtype=np.float32)
     other = np.full((6, 32, 32), 100.0, dtype=np.float32)
     prep = Preprocessing(40, 400, 1.0, (32, 32), 1, 1.0)
