@@ -50,7 +50,7 @@ from livertumorai.constants import (
     SLICE_CLASS_NAMES,
     slice_class_from_labels,
 )
-from livertumorai.errors import ConfigurationError
+from livertumorai.errors import ConfigurationError, WeightsError
 from livertumorai.geometry import ImageGeometry, axial_frame, xyz_to_zyx
 from training.dataset import LAYOUTS, CaseRecord, select_cases
 
@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder for metrics.json, metrics.md and (with --weights) the "
                              "engine outputs under predictions/")
     parser.add_argument("--device", default="auto", help="engine device with --weights")
-    parser.add_argument("--precision", default="auto", help="engine precision with --weights")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                        help="engine precision with --weights")
     parser.add_argument("--no-gating", action="store_true",
                         help="with --weights: run the U-Net on every slice, not only on "
                              "slices the classifier finds liver in")
@@ -459,12 +460,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.weights:
         try:
             _engine_options(args)
-        except ConfigurationError as err:
+        except (ConfigurationError, WeightsError) as err:
             parser.error(f"{err.message} {err.hint}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    records = _selected_cases(args, parser)
+    seen_in_training = (sorted({r.case_id for r in records} & training_cases_of(args.weights))
+                        if args.weights else [])
+    if seen_in_training:
+        logger.warning("The weights were trained on %s, so their scores measure fit to "
+                       "training data, not accuracy on unseen CT.", ", ".join(seen_in_training))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    records = _selected_cases(args)
     predictions_dir = Path(args.predictions) if args.predictions else output_dir / "predictions"
 
     cases, slice_records = [], []
@@ -479,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                     _format(case_result.get("liver_dice")), _format(case_result.get("tumor_dice")))
 
     summary = summarize(cases, slice_records)
+    summary["cases_in_training_split"] = seen_in_training
     report = _json_safe({"summary": summary, "cases": cases,
                          "conventions": __doc__.split("Conventions:")[1].strip()})
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n",
@@ -549,12 +556,24 @@ def _read_slices_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return indices, probabilities
 
 
-def _selected_cases(args: argparse.Namespace) -> list[CaseRecord]:
+def _selected_cases(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[CaseRecord]:
     try:
         return select_cases(args.data_dir, args.layout, args.patient_pattern, args.cases,
                             args.split_file, args.subset)
     except ValueError as err:
-        raise SystemExit(str(err)) from err
+        parser.error(str(err))
+        raise  # parser.error exits; this line is never reached
+
+
+def training_cases_of(weights: str | None) -> set[str]:
+    """Return the case ids the manifest's models were trained on (empty when unknown)."""
+    from livertumorai.weights import load_manifest
+
+    trained = set()
+    for entry in load_manifest(weights).models:
+        split = entry.extra.get("split") or {}
+        trained.update(str(case) for case in split.get("train", []))
+    return trained
 
 
 def _engine_options(args: argparse.Namespace):
@@ -567,6 +586,9 @@ def _engine_options(args: argparse.Namespace):
                              min_lesion_volume_mm3=args.min_lesion_mm3, write_labelmap=True,
                              write_overview=False, overwrite=True)
     options.validate()
+    from livertumorai.inference import select_autocast_dtype, select_device
+
+    select_autocast_dtype(select_device(options.device), options.precision)
     return options
 
 

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .constants import (DEFAULT_BATCH_SIZE, DEFAULT_MIN_LESION_VOLUME_MM3,
@@ -23,6 +24,7 @@ from .errors import (
     InvalidInputError,
     LiverTumorAIError,
     OutputExistsError,
+    OutputWriteError,
     RunCancelledError,
     WeightsError,
 )
@@ -43,7 +45,8 @@ exit codes:
   {EXIT_OK}  success
   {EXIT_UNEXPECTED}  unexpected error (a bug: please report it with the --verbose log)
   {EXIT_USAGE}  bad usage: invalid option, GPU requested but absent, output folder exists
-  {EXIT_INVALID_INPUT}  invalid input: missing, unreadable or not a CT in Hounsfield units
+  {EXIT_INVALID_INPUT}  invalid input: missing, unreadable, not a CT in Hounsfield units,
+     or a DICOM series with missing or duplicated slices
   {EXIT_WEIGHTS}  weights problem: manifest or weights file missing, corrupt or mismatched
   {EXIT_OUT_OF_MEMORY}  out of memory: lower --batch-size or use --device cpu
   {EXIT_CANCELLED}  cancelled by SIGINT or SIGTERM; no output folder was written
@@ -207,6 +210,8 @@ def _exit_code_for(error: BaseException) -> tuple[int, str]:
         return EXIT_WEIGHTS, error.code
     if isinstance(error, RunCancelledError):
         return EXIT_CANCELLED, error.code
+    if isinstance(error, OutputWriteError):
+        return EXIT_OUTPUT_WRITE, error.code
     if _is_out_of_memory(error):
         return EXIT_OUT_OF_MEMORY, "out_of_memory"
     if isinstance(error, OSError) and error.errno in _OUTPUT_WRITE_ERRNOS:
@@ -259,6 +264,8 @@ def _run_segment(args) -> int:
             error = RunCancelledError("the run was interrupted", "Start it again when ready.")
         status, code = _exit_code_for(error)
         message = error.message if isinstance(error, LiverTumorAIError) else str(error)
+        if code == "output_write" and not isinstance(error, LiverTumorAIError):
+            message = f"Writing the outputs to {Path(args.output).resolve()} failed: {message}"
         hint = _hint_for(error, code)
         if status == EXIT_UNEXPECTED:
             logger.exception("unexpected error")

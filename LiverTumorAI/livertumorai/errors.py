@@ -63,3 +63,9 @@ class ConfigurationError(LiverTumorAIError):
     """An option is invalid or cannot be met here (for example a GPU that is not present)."""
 
     code = "usage"
+
+
+class OutputWriteError(LiverTumorAIError):
+    """The output folder cannot be written: no permission, a read-only or full disk."""
+
+    code = "output_write"

@@ -21,6 +21,7 @@ import re
 import struct
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -435,9 +436,9 @@ def _read_dicom_folder(folder: Path) -> tuple[sitk.Image, _DicomSeries, list[str
 
     chosen, warnings = _choose_ct_series(all_series, folder)
     image, reader = _read_dicom_series(chosen, str(folder))
-    warnings += _check_slice_positions(reader, image, str(folder))
-    warnings += _check_unread_dicom_files(folder, all_series)
-    return image, chosen, warnings
+    unread_warnings = _check_unread_dicom_files(folder, all_series)
+    _check_slice_positions(reader, image, str(folder), unread_warnings)
+    return image, chosen, warnings + unread_warnings
 
 
 def _read_dicom_file(path: Path) -> tuple[sitk.Image, _DicomSeries, list[str]]:
@@ -448,7 +449,8 @@ def _read_dicom_file(path: Path) -> tuple[sitk.Image, _DicomSeries, list[str]]:
     series = _series_of_file(path, header)
     _check_ct_modality(series, str(path))
     image, reader = _read_dicom_series(series, str(path))
-    warnings = _check_slice_positions(reader, image, str(path))
+    _check_slice_positions(reader, image, str(path))
+    warnings: list[str] = []
     if len(series.files) > 1:
         logger.info("%s is part of a series of %d files, which are all read", path,
                     len(series.files))
@@ -654,33 +656,42 @@ def _set_single_slice_thickness(image: sitk.Image, reader: sitk.ImageSeriesReade
 
 
 def _check_slice_positions(
-    reader: sitk.ImageSeriesReader, image: sitk.Image, source: str
-) -> list[str]:
-    """Warn when the slices of a series are not evenly spaced along the slice normal."""
+    reader: sitk.ImageSeriesReader, image: sitk.Image, source: str,
+    unread_warnings: Sequence[str] = (),
+) -> None:
+    """Raise when the slices of a series are not evenly spaced along the slice normal.
+
+    The volume is built with one spacing, so slices beyond a gap or a duplicate would sit
+    at wrong positions, and the segmentation would not line up with the series.
+    `unread_warnings` (files that could not be read) are quoted as the likely cause.
+    """
     num_slices = image.GetSize()[2]
     if num_slices < 3:
-        return []
+        return
     positions_lps = []
     for index in range(num_slices):
         if not reader.HasMetaDataKey(index, _TAG_IMAGE_POSITION):
-            return []
+            return
         try:
             text = _clean_dicom_text(reader.GetMetaData(index, _TAG_IMAGE_POSITION))
             positions_lps.append([float(v) for v in text.split("\\")])
         except ValueError:
-            return []
+            return
 
     normal_lps = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
     steps_mm = np.abs(np.diff(np.asarray(positions_lps) @ normal_lps))
     nominal_mm = image.GetSpacing()[2]
     if np.max(np.abs(steps_mm - nominal_mm)) <= SLICE_SPACING_TOLERANCE * nominal_mm:
-        return []
-    return [
+        return
+    cause = f" {' '.join(unread_warnings)}" if unread_warnings else ""
+    raise InvalidInputError(
         f"Slice positions of the DICOM series in {source} are uneven: the distance between "
-        f"neighbouring slices ranges from {steps_mm.min():.2f} to {steps_mm.max():.2f} mm, "
-        f"but the volume uses {nominal_mm:.2f} mm. Slices may be missing or duplicated, so "
-        "positions and volumes along the slice axis are approximate."
-    ]
+        f"neighbouring slices ranges from {steps_mm.min():.2f} to {steps_mm.max():.2f} mm. "
+        "Slices are missing or duplicated, so a segmentation would not line up with the "
+        f"series.{cause}",
+        "Complete the series (replace damaged or missing files), or export it again from "
+        "the scanner or PACS.",
+    )
 
 
 def _check_unread_dicom_files(folder: Path, all_series: list[_DicomSeries]) -> list[str]:

@@ -29,7 +29,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from livertumorai.constants import SEGMENT_LIVER, SEGMENT_TUMOR, SegmentDefinition
-from livertumorai.errors import ConfigurationError, OutputExistsError
+from livertumorai.errors import ConfigurationError, OutputExistsError, OutputWriteError
 from livertumorai.geometry import ImageGeometry, xyz_to_zyx
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,10 @@ class OutputFolder:
     Raises:
         OutputExistsError: `output_dir` exists, is not an empty folder, and `overwrite` is
             False. Raised here, before any work is done.
-        ConfigurationError: `output_dir` is a file, a parent of it is a file, the nearest
-            existing parent folder is not writable, or replacing it would delete one of
+        OutputWriteError: the nearest existing parent folder is not writable (raised here),
+            or the folder cannot be created on entry.
+        ConfigurationError: `output_dir` is a file, a parent of it is a file, it lies
+            inside an input folder, or replacing it would delete one of
             `protected_paths`, the current folder, the home folder or the file system root.
     """
 
@@ -105,8 +107,8 @@ class OutputFolder:
             parent.mkdir(parents=True, exist_ok=True)
             self._temporary_dir = _make_sibling_dir(self.output_dir, "partial")
         except OSError as error:
-            raise ConfigurationError(
-                f"Cannot create the output folder in {parent}: {error}.",
+            raise OutputWriteError(
+                f"Cannot create the output folder in {parent}: {error.strerror or error}.",
                 "Choose an output folder in a writable location.",
             ) from error
         logger.debug("Writing outputs into %s", self._temporary_dir)
@@ -170,6 +172,13 @@ def _check_not_protected(output_dir: Path, protected_paths: Sequence[str | os.Pa
                 f"The output folder {output_dir} contains the input {protected}.",
                 "Choose an output folder outside the input's folder.",
             )
+        if protected.is_dir() and protected in resolved.parents:
+            # A DICOM folder: outputs inside it would be scanned as part of the series
+            # next time, and --overwrite would replace files among the input's.
+            raise ConfigurationError(
+                f"The output folder {output_dir} lies inside the input folder {protected}.",
+                "Choose an output folder outside the input's folder.",
+            )
 
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
@@ -197,7 +206,7 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
             "Choose an output folder whose parent is a folder.",
         )
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ConfigurationError(
+        raise OutputWriteError(
             f"The output folder {output_dir} cannot be created because {ancestor} is not writable.",
             "Choose an output folder in a writable location.",
         )

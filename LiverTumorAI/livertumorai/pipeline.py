@@ -114,34 +114,40 @@ class SegmentOptions:
 
     def validate(self) -> None:
         """Raise ConfigurationError for values outside their range."""
-        for name, value in asdict(self).items():
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigurationError(f"Option {name} is {value}, not a finite number.",
-                                         "Pass a finite value.")
-        _check_range("tumor threshold", self.tumor_threshold, 0.0, 1.0, "P", False,
+        _check_range("tumor threshold", self.tumor_threshold, 0.0, 1.0, "", False,
                      "Use a probability such as 0.5.")
         _check_range("minimum lesion volume", self.min_lesion_volume_mm3, 0.0, None, "mm3", True,
                      "Use 0 to keep every lesion.")
-        _check_range("gating threshold", self.gating_threshold, 0.0, 1.0, "P", True,
+        _check_range("gating threshold", self.gating_threshold, 0.0, 1.0, "", True,
                      "Use a probability such as 0.05, or --no-gating.")
         _check_range("gating margin", self.gating_margin_mm, 0.0, None, "mm", True,
                      "Use a distance such as 10 mm.")
         _check_range("batch size", self.batch_size, 1, None, "slices", True,
-                     "Use a positive number of slices such as 16.")
+                     f"Use a positive number of slices such as {DEFAULT_BATCH_SIZE}.")
         if self.threads is not None:
-            _check_range("thread count", self.threads, 1, None, "threads", True,
-                         "Use a positive number, or leave it out to use every core.")
+            cores = default_thread_count()
+            _check_range("thread count", self.threads, 1, cores + 1, "threads", True,
+                         f"Use 1 to {cores} (the cores this process may use), or leave it "
+                         "out to use them all.")
 
 
 def _check_range(name: str, value, low, high, unit: str, low_inclusive: bool, hint: str) -> None:
-    """Raise ConfigurationError unless `value` lies in the range from `low` to `high`."""
+    """Raise ConfigurationError unless `value` is finite and lies between `low` and `high`.
+
+    `high` is exclusive; `low` is inclusive when `low_inclusive`.
+    """
+    shown = f"{value} {unit}".strip()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigurationError(f"The {name} is {shown}, not a finite number.", hint)
     too_low = value < low if low_inclusive else value <= low
     too_high = high is not None and value >= high
     if too_low or too_high:
         bound = f"at least {low}" if low_inclusive else f"above {low}"
         if high is not None:
             bound += f" and below {high}"
-        raise ConfigurationError(f"The {name} {value} ({unit}) must be {bound}.", hint)
+        if isinstance(low, int) and isinstance(high, int) and low_inclusive:
+            bound = f"from {low} to {high - 1}"
+        raise ConfigurationError(f"The {name} is {shown}; it must be {bound}.", hint)
 
 
 @dataclass

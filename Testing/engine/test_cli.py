@@ -190,11 +190,12 @@ def test_corrupt_weights_exit_code(shared_data_dir, tiny_weights, tmp_path, caps
 @pytest.mark.parametrize(
     "extra, expected_text",
     [
-        (["--tumor-threshold", "1.5"], "tumor threshold 1.5"),
+        (["--tumor-threshold", "1.5"], "tumor threshold is 1.5"),
         (["--gating-margin-mm", "inf"], "not a finite number"),
         (["--min-lesion-mm3", "nan"], "not a finite number"),
         (["--min-lesion-mm3", "-1"], "minimum lesion volume"),
-        (["--batch-size", "0"], "batch size 0"),
+        (["--batch-size", "0"], "batch size is 0 slices"),
+        (["--threads", "100000"], "from 1 to"),
         (["--device", "quantum"], "unknown device"),
     ],
 )
@@ -374,3 +375,40 @@ def test_disk_full_has_own_exit_code():
 
     assert status == EXIT_OUTPUT_WRITE
     assert code == "output_write"
+
+
+def test_output_inside_input_folder_is_refused(tiny_weights, tmp_path, capsys):
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "IM0001.dcm").write_bytes(b"not read: the output check comes first")
+
+    status = main(["segment", str(series), "-o", str(series / "out"), "--weights",
+                   str(tiny_weights)])
+
+    assert status == EXIT_USAGE
+    assert "inside the input folder" in capsys.readouterr().err
+    assert sorted(path.name for path in series.iterdir()) == ["IM0001.dcm"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_unwritable_parent_exits_with_output_write_code(shared_data_dir, tiny_weights,
+                                                        tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        status = main(["segment", str(shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz"),
+                       "-o", str(locked / "out"), "--weights", str(tiny_weights)])
+    finally:
+        locked.chmod(0o700)
+
+    assert status == cli.EXIT_OUTPUT_WRITE
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_output_write_error_maps_to_its_exit_code():
+    from livertumorai.errors import OutputWriteError
+
+    error = OutputWriteError("The output folder /x cannot be created.", "Choose another.")
+
+    assert cli._exit_code_for(error) == (cli.EXIT_OUTPUT_WRITE, "output_write")

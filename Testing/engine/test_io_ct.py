@@ -302,15 +302,16 @@ def test_colour_dicom_rejected(tmp_path):
     _assert_invalid(tmp_path, "3 components per pixel")
 
 
-def test_truncated_slice_in_series_warns(chaos_files, tmp_path):
+def test_truncated_slice_in_series_rejected(chaos_files, tmp_path):
     _copy_files(chaos_files, tmp_path)
     damaged = tmp_path / chaos_files[7].name
     damaged.write_bytes(damaged.read_bytes()[:200_000])
 
-    ct = read_ct(tmp_path)
-    assert ct.num_files == 15
-    assert any("uneven" in warning for warning in ct.warnings)
-    assert any(damaged.name in warning for warning in ct.warnings)
+    with pytest.raises(InvalidInputError, match="uneven") as raised:
+        read_ct(tmp_path)
+
+    assert damaged.name in raised.value.message
+    assert "line up" in raised.value.message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from training.evaluate import (
     reference_slice_classes,
     relative_volume_difference,
     summarize,
+    training_cases_of,
     volume_overlap_error,
 )
 from livertumorai.geometry import ImageGeometry
@@ -213,3 +214,20 @@ def test_bad_engine_setting_stops_before_any_case_runs(tmp_path, capsys, option,
     assert stopped.value.code == 2
     assert value in capsys.readouterr().err
     assert not (tmp_path / "eval").exists()
+
+
+def test_unknown_case_stops_before_the_output_folder_exists(shared_data_dir, tiny_weights,
+                                                            tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data-dir", str(shared_data_dir / "train"), "--weights", str(tiny_weights),
+              "--cases", "nosuch", "--output-dir", str(tmp_path / "eval")])
+
+    assert stopped.value.code == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_training_cases_come_from_the_manifest_split():
+    from livertumorai.weights import BUNDLED_WEIGHTS_DIR
+
+    assert training_cases_of(str(BUNDLED_WEIGHTS_DIR)) == {"ircadb1.7", "chaos_ct3", "ircadb1.17"}
