@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Train, export and evaluate the synthetic-tumor experiment and the bundled weights.
 #
-# The experiment trains both networks on ircadb1.7 and chaos_ct3 (no real tumor label) and
-# evaluates them on the real tumors of ircadb1.17, once with synthetic tumors (synthetic)
-# and once without (plain). The bundled weights (bundled) then train on all three cases
-# with synthetic tumors on top and have no held-out case. Run from the repository root
-# with the [train] extra installed; on a 2-core CPU each U-Net run takes 15 to 30 minutes.
+# The experiment trains on ircadb1.7 and chaos_ct3 (no real tumor label) and evaluates on
+# the real tumors of ircadb1.17: with synthetic tumors that may be cut off at the liver
+# edge (synthetic), with synthetic tumors kept inside the liver (inside: U-Net only, the
+# classifier of synthetic is reused), and without synthesis (plain). The bundled weights
+# (bundled) then train on all three cases with the inside recipe on top and have no
+# held-out case. Run from the repository root with the [train] extra installed; on a
+# 2-core CPU each U-Net run takes 15 to 30 minutes.
 #
-# Usage: training/reproduce_bundled_weights.sh [synthetic|plain|bundled|all]
+# Usage: training/reproduce_bundled_weights.sh [synthetic|inside|plain|bundled|all]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -51,6 +53,16 @@ if [[ $mode == synthetic || $mode == all ]]; then
     export_pair synth runs/weights_synth 'best-*.ckpt'
     evaluate synth runs/weights_synth "$VALIDATION"
 fi
+if [[ $mode == inside || $mode == all ]]; then
+    python training/train.py "${SEGMENTER[@]}" "${COMMON[@]}" "${HELD_OUT[@]}" \
+        --synthetic-tumors 0.5 --synthetic-max-outside-fraction 0 --output-dir runs/seg_inside
+    mkdir -p runs/weights_inside
+    cp runs/weights_synth/slice_classifier_vgg16bn.safetensors runs/weights_synth/manifest.json \
+        runs/weights_inside/
+    python training/export.py --output-dir runs/weights_inside \
+        --checkpoint "$(ls -t runs/seg_inside/checkpoints/best-*.ckpt | head -n 1)"
+    evaluate inside runs/weights_inside "$VALIDATION"
+fi
 if [[ $mode == plain || $mode == all ]]; then
     train_pair plain "${HELD_OUT[@]}"
     export_pair plain runs/weights_plain 'best-*.ckpt'
@@ -59,7 +71,7 @@ fi
 if [[ $mode == bundled || $mode == all ]]; then
     # No validation case: the last checkpoint is exported. The evaluation runs on the
     # training cases, so it measures fit, not accuracy on unseen CT.
-    train_pair all "${ALL_CASES[@]}" --synthetic-tumors 0.5
+    train_pair all "${ALL_CASES[@]}" --synthetic-tumors 0.5 --synthetic-max-outside-fraction 0
     export_pair all LiverTumorAI/Resources/Weights last.ckpt --version 0.2.0
     evaluate bundled_training_fit LiverTumorAI/Resources/Weights ircadb1.7 chaos_ct3 "$VALIDATION"
 fi
