@@ -130,3 +130,11 @@ def test_max_pool_matches_torch_including_odd_sizes(shape):
     pooled = fused_module._MaxPool2x2()(x.contiguous(memory_format=torch.channels_last))
 
     torch.testing.assert_close(pooled, nn.MaxPool2d(2)(x), rtol=0, atol=0)
+
+
+def test_unet_copy_refuses_sizes_its_pooling_cannot_halve():
+    model, _ = _networks()[0]  # three poolings: sizes must be multiples of 8
+    fused = fuse_for_inference(model, torch.float32)
+
+    with pytest.raises(ValueError, match="divisible by 8"):
+        fused(fused.prepare_input(torch.rand(1, 5, 36, 64)))

@@ -201,7 +201,6 @@ class FusedUNet2D(FusedNetwork):
 
     def __init__(self, source: UNet2D, dtype, device, use_onednn: bool) -> None:
         super().__init__(source, dtype)
-        self.downsampling_factor = source.downsampling_factor
         self.encoders = nn.ModuleList(
             _fuse_sequential(encoder, dtype, device, use_onednn) for encoder in source.encoders)
         self.pool = _MaxPool2x2() if _is_2x2_max_pool(source.pool) else source.pool
@@ -224,6 +223,7 @@ class FusedUNet2D(FusedNetwork):
                               device, use_onednn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.flop_reference.check_input_size(x)
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:

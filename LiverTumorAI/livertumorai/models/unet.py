@@ -71,12 +71,16 @@ class UNet2D(nn.Module):
             channels = width
         self.head = nn.Conv2d(channels, num_classes, kernel_size=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input_size(self, x: torch.Tensor) -> None:
+        """Raise ValueError unless height and width are divisible by the downsampling factor."""
         if x.shape[-1] % self.downsampling_factor or x.shape[-2] % self.downsampling_factor:
             raise ValueError(
                 f"input size {tuple(x.shape[-2:])} must be divisible by "
                 f"{self.downsampling_factor}; change input_size in the manifest"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x)
         skips = []
         for level, encoder in enumerate(self.encoders):
             if level > 0:
