@@ -84,7 +84,7 @@ def test_source_network_is_left_unchanged():
     assert any(isinstance(module, nn.BatchNorm2d) for module in model.modules())
 
 
-def test_fused_copy_has_no_batch_norm_and_keeps_name():
+def test_fused_copy_without_batch_norm():
     model, _ = _networks()[0]
 
     fused = fuse_for_inference(model, torch.float32)
