@@ -224,7 +224,7 @@ def _flop_per_item(module, item_shape: tuple) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    # A fused copy's oneDNN calls are invisible to the counter; its source network performs
+    # The counter does not count a fused copy's oneDNN calls. Its source network performs
     # the same multiply-adds.
     module = getattr(module, "flop_reference", module)
     meta_copy = copy.deepcopy(module).to("meta").eval()

@@ -457,18 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    trained_cases: set[str] = set()
     if args.weights:
         try:
             _engine_options(args)
+            trained_cases = training_cases_of(args.weights)
         except (ConfigurationError, WeightsError) as err:
             parser.error(f"{err.message} {err.hint}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     records = _selected_cases(args, parser)
-    seen_in_training = (sorted({r.case_id for r in records} & training_cases_of(args.weights))
-                        if args.weights else [])
-    if seen_in_training:
-        logger.warning("The weights were trained on %s, so their scores measure fit to "
-                       "training data, not accuracy on unseen CT.", ", ".join(seen_in_training))
+    evaluated_training_cases = sorted({record.case_id for record in records} & trained_cases)
+    if evaluated_training_cases:
+        logger.warning("The weights were trained on %s, so their scores measure fit to the "
+                       "training data, not accuracy on unseen CT.",
+                       ", ".join(evaluated_training_cases))
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     predictions_dir = Path(args.predictions) if args.predictions else output_dir / "predictions"
@@ -485,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                     _format(case_result.get("liver_dice")), _format(case_result.get("tumor_dice")))
 
     summary = summarize(cases, slice_records)
-    summary["cases_in_training_split"] = seen_in_training
+    summary["cases_in_training_split"] = evaluated_training_cases
     report = _json_safe({"summary": summary, "cases": cases,
                          "conventions": __doc__.split("Conventions:")[1].strip()})
     (output_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n",
@@ -561,8 +563,7 @@ def _selected_cases(args: argparse.Namespace, parser: argparse.ArgumentParser) -
         return select_cases(args.data_dir, args.layout, args.patient_pattern, args.cases,
                             args.split_file, args.subset)
     except ValueError as err:
-        parser.error(str(err))
-        raise  # parser.error exits; this line is never reached
+        parser.error(str(err))  # exits with status 2
 
 
 def training_cases_of(weights: str | None) -> set[str]:
@@ -577,7 +578,13 @@ def training_cases_of(weights: str | None) -> set[str]:
 
 
 def _engine_options(args: argparse.Namespace):
-    """Return the engine settings of a --weights run, checked (ConfigurationError if not)."""
+    """Return the checked engine settings of a --weights run.
+
+    Raises:
+        ConfigurationError: a setting is invalid, or the device or precision is not
+            available on this machine.
+    """
+    from livertumorai.inference import select_autocast_dtype, select_device
     from livertumorai.pipeline import SegmentOptions
 
     options = SegmentOptions(weights=args.weights, device=args.device, precision=args.precision,
@@ -586,8 +593,6 @@ def _engine_options(args: argparse.Namespace):
                              min_lesion_volume_mm3=args.min_lesion_mm3, write_labelmap=True,
                              write_overview=False, overwrite=True)
     options.validate()
-    from livertumorai.inference import select_autocast_dtype, select_device
-
     select_autocast_dtype(select_device(options.device), options.precision)
     return options
 

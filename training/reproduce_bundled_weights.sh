@@ -2,12 +2,12 @@
 # Train, export and evaluate the synthetic-tumor experiment and the bundled weights.
 #
 # The experiment trains on ircadb1.7 and chaos_ct3 (no real tumor label) and evaluates on
-# the real tumors of ircadb1.17: with synthetic tumors that may be cut off at the liver
-# edge (synthetic), with synthetic tumors kept inside the liver (inside: U-Net only, the
-# classifier of synthetic is reused), and without synthesis (plain). The bundled weights
-# (bundled) then train on all three cases with the inside recipe on top and have no
-# held-out case. Run from the repository root with the [train] extra installed; on a
-# 2-core CPU each U-Net run takes 15 to 30 minutes.
+# the real tumors of ircadb1.17, in three modes. Mode synthetic inserts synthetic tumors
+# that may be cut off at the liver edge. Mode inside keeps them inside the liver; it trains
+# the U-Net only and reuses the classifier of mode synthetic. Mode plain inserts none.
+# The bundled weights (mode bundled) then train on all three cases with the inside recipe
+# and have no held-out case. Run from the repository root with the [train] extra
+# installed. On a 2-core CPU each U-Net run took 13 to 20 minutes, longer when shared.
 #
 # Usage: training/reproduce_bundled_weights.sh [synthetic|inside|plain|bundled|all]
 set -euo pipefail

@@ -41,9 +41,9 @@ LABEL_TUMOR = 2
 DEFAULT_MIN_LESION_VOLUME_MM3 = 65.0
 # Tumor probability from which a voxel is labelled tumor (softmax output, 0..1).
 DEFAULT_TUMOR_THRESHOLD = 0.5
-# U-Net slices per batch (the classifier takes twice as many). On the 2-core AMX CPU of
-# benchmarks/BENCHMARKS.md, batches of 8 keep the activations in cache and ran the fused U-Net
-# about 1.3 times faster than batches of 16.
+# U-Net slices per batch (the classifier takes twice as many). On the idle 2-core AMX CPU of
+# benchmarks/BENCHMARKS.md, batches of 8 ran the fused U-Net as fast as 16 or up to 1.3 times
+# faster, and 32 and 64 were slower. On a CPU busy with other jobs, larger batches can be faster.
 DEFAULT_BATCH_SIZE = 8
 
 

@@ -66,6 +66,6 @@ class ConfigurationError(LiverTumorAIError):
 
 
 class OutputWriteError(LiverTumorAIError):
-    """The output folder cannot be written: no permission, a read-only or full disk."""
+    """An output folder that cannot be created or written: no permission, a read-only or full disk."""
 
     code = "output_write"

@@ -136,8 +136,8 @@ def _softmax_batches(model, stack_hu, preprocessor, indices, device, autocast_dt
                      batch_size, channels_last, fuse, cancel):
     """Yield (slice indices, float32 softmax probabilities) batch by batch.
 
-    A fused model computes in `autocast_dtype` (float32 when None) without autocast; an
-    unfused one runs under autocast in that dtype.
+    A fused model computes in `autocast_dtype` (float32 when None) without autocast. An
+    unfused model runs under autocast in that dtype.
     """
     model, prepare_input = _prepare_model(model, device, autocast_dtype, channels_last, fuse)
     autocast = (lambda: nullcontext()) if fuse else (lambda: _autocast(device, autocast_dtype))

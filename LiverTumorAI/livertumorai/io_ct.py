@@ -182,7 +182,8 @@ def read_ct(path: str | os.PathLike) -> LoadedCT:
             image, warnings = _read_image_file(source_path), []
 
     image, shape_warnings = _as_volume(image, source)
-    check_warnings = check_ct_image(image, source)  # on the stored type: less to scan
+    # Checking before the float32 cast scans the stored type, often int16: half the bytes.
+    check_warnings = check_ct_image(image, source)
     image = sitk.Cast(image, sitk.sitkFloat32)
     image, floor_warnings = _raise_to_hu_floor(image, source)
     warnings = [*warnings, *shape_warnings, *check_warnings, *floor_warnings]

@@ -108,7 +108,7 @@ class OutputFolder:
             self._temporary_dir = _make_sibling_dir(self.output_dir, "partial")
         except OSError as error:
             raise OutputWriteError(
-                f"Cannot create the output folder in {parent}: {error.strerror or error}.",
+                f"Failed to create the output folder in {parent}: {error.strerror or error}.",
                 "Choose an output folder in a writable location.",
             ) from error
         logger.debug("Writing outputs into %s", self._temporary_dir)
@@ -173,8 +173,8 @@ def _check_not_protected(output_dir: Path, protected_paths: Sequence[str | os.Pa
                 "Choose an output folder outside the input's folder.",
             )
         if protected.is_dir() and protected in resolved.parents:
-            # A DICOM folder: outputs inside it would be scanned as part of the series
-            # next time, and --overwrite would replace files among the input's.
+            # The input is a folder, such as a DICOM series. Its subfolders are searched
+            # for DICOM files, so outputs inside it would be read with the next input.
             raise ConfigurationError(
                 f"The output folder {output_dir} lies inside the input folder {protected}.",
                 "Choose an output folder outside the input's folder.",

@@ -134,11 +134,11 @@ class SegmentOptions:
 def _check_range(name: str, value, low, high, unit: str, low_inclusive: bool, hint: str) -> None:
     """Raise ConfigurationError unless `value` is finite and lies between `low` and `high`.
 
-    `high` is exclusive; `low` is inclusive when `low_inclusive`.
+    `high` is exclusive, and `low` is inclusive when `low_inclusive`.
     """
-    shown = f"{value} {unit}".strip()
+    value_text = f"{value} {unit}".strip()
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigurationError(f"The {name} is {shown}, not a finite number.", hint)
+        raise ConfigurationError(f"The {name} is {value_text}, not a finite number.", hint)
     too_low = value < low if low_inclusive else value <= low
     too_high = high is not None and value >= high
     if too_low or too_high:
@@ -147,7 +147,7 @@ def _check_range(name: str, value, low, high, unit: str, low_inclusive: bool, hi
             bound += f" and below {high}"
         if isinstance(low, int) and isinstance(high, int) and low_inclusive:
             bound = f"from {low} to {high - 1}"
-        raise ConfigurationError(f"The {name} is {shown}; it must be {bound}.", hint)
+        raise ConfigurationError(f"The {name} is {value_text}, but it must be {bound}.", hint)
 
 
 @dataclass

@@ -377,7 +377,7 @@ def test_disk_full_has_own_exit_code():
     assert code == "output_write"
 
 
-def test_output_inside_input_folder_is_refused(tiny_weights, tmp_path, capsys):
+def test_output_inside_input_folder_rejected(tiny_weights, tmp_path, capsys):
     series = tmp_path / "series"
     series.mkdir()
     (series / "IM0001.dcm").write_bytes(b"not read: the output check comes first")
@@ -391,7 +391,7 @@ def test_output_inside_input_folder_is_refused(tiny_weights, tmp_path, capsys):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
-def test_unwritable_parent_exits_with_output_write_code(shared_data_dir, tiny_weights,
+def test_unwritable_parent_exit_code(shared_data_dir, tiny_weights,
                                                         tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -406,7 +406,7 @@ def test_unwritable_parent_exits_with_output_write_code(shared_data_dir, tiny_we
     assert "not writable" in capsys.readouterr().err
 
 
-def test_output_write_error_maps_to_its_exit_code():
+def test_output_write_error_exit_code():
     from livertumorai.errors import OutputWriteError
 
     error = OutputWriteError("The output folder /x cannot be created.", "Choose another.")

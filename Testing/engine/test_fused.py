@@ -60,7 +60,7 @@ def test_float32_copy_matches_source(onednn, index):
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["unet", "classifier"])
-def test_bfloat16_copy_agrees_with_float32_source(onednn, index):
+def test_bfloat16_copy_near_source(onednn, index):
     model, item_shape = _networks()[index]
     images = torch.rand(4, *item_shape, generator=torch.Generator().manual_seed(2))
 
@@ -73,7 +73,7 @@ def test_bfloat16_copy_agrees_with_float32_source(onednn, index):
     assert (actual - expected).abs().max() < 0.05
 
 
-def test_source_network_is_left_unchanged():
+def test_source_network_unchanged():
     model, _ = _networks()[0]
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
 
@@ -94,19 +94,19 @@ def test_fused_copy_without_batch_norm():
     assert fused.flop_reference is model
 
 
-def test_other_networks_are_refused():
+def test_other_networks_rejected():
     with pytest.raises(TypeError, match="Sequential"):
         fuse_for_inference(nn.Sequential(nn.Conv2d(1, 1, 3)).eval(), torch.float32)
 
 
-def test_network_in_training_mode_is_refused():
+def test_training_mode_rejected():
     model, _ = _networks()[0]
 
     with pytest.raises(ValueError, match="training mode"):
         fuse_for_inference(model.train(), torch.float32)
 
 
-def test_segmentation_maps_agree_with_and_without_fusion(onednn):
+def test_fused_segmentation_matches_unfused(onednn):
     rng = np.random.default_rng(0)
     stack = np.full((6, 64, 64), -1000.0, dtype=np.float32)
     stack[:, 10:54, 8:56] = rng.normal(40, 60, (6, 44, 48))
@@ -124,7 +124,7 @@ def test_segmentation_maps_agree_with_and_without_fusion(onednn):
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8), (1, 4, 7, 9), (2, 2, 3, 5)])
-def test_max_pool_matches_torch_including_odd_sizes(shape):
+def test_max_pool_matches_torch(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
 
     pooled = fused_module._MaxPool2x2()(x.contiguous(memory_format=torch.channels_last))
@@ -132,7 +132,7 @@ def test_max_pool_matches_torch_including_odd_sizes(shape):
     torch.testing.assert_close(pooled, nn.MaxPool2d(2)(x), rtol=0, atol=0)
 
 
-def test_unet_copy_refuses_sizes_its_pooling_cannot_halve():
+def test_unet_copy_rejects_indivisible_size():
     model, _ = _networks()[0]  # three poolings: sizes must be multiples of 8
     fused = fuse_for_inference(model, torch.float32)
 

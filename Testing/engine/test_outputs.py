@@ -206,7 +206,7 @@ def test_segmentation_on_real_oblique_labels(tmp_path, shared_data_dir):
 
 
 def _labels_with(values) -> np.ndarray:
-    """A (5, 6, 7) label map holding 0 and one voxel of each of `values`."""
+    """Return a (5, 6, 7) label map of zeros with one voxel of each of `values`."""
     labels = np.zeros((5, 6, 7), dtype=np.uint8)
     labels.flat[1:1 + len(values)] = values
     return labels

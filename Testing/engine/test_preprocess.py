@@ -115,7 +115,7 @@ def test_images_are_windowed(case_17):
     assert images.mean() > 0.05
 
 
-def test_overlapping_batches_reuse_prepared_slices_exactly():
+def test_overlapping_batches_reuse_slices():
     rng = np.random.default_rng(3)
     stack = rng.normal(0, 300, (20, 48, 40)).astype(np.float32)
     prep = Preprocessing(40, 400, 1.5, (32, 32), 2, 2.0)

@@ -206,7 +206,7 @@ def test_command_line_on_written_files(tmp_path):
 @pytest.mark.parametrize("option, value", [("--min-lesion-mm3", "-5"),
                                            ("--tumor-threshold", "1.5"),
                                            ("--tumor-threshold", "nan")])
-def test_bad_engine_setting_stops_before_any_case_runs(tmp_path, capsys, option, value):
+def test_bad_engine_setting_exits_early(tmp_path, capsys, option, value):
     with pytest.raises(SystemExit) as stopped:
         main(["--data-dir", str(tmp_path), "--weights", str(tmp_path), "--output-dir",
               str(tmp_path / "eval"), option, value])
@@ -216,8 +216,7 @@ def test_bad_engine_setting_stops_before_any_case_runs(tmp_path, capsys, option,
     assert not (tmp_path / "eval").exists()
 
 
-def test_unknown_case_stops_before_the_output_folder_exists(shared_data_dir, tiny_weights,
-                                                            tmp_path, capsys):
+def test_unknown_case_exits_early(shared_data_dir, tiny_weights, tmp_path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["--data-dir", str(shared_data_dir / "train"), "--weights", str(tiny_weights),
               "--cases", "nosuch", "--output-dir", str(tmp_path / "eval")])
@@ -227,7 +226,17 @@ def test_unknown_case_stops_before_the_output_folder_exists(shared_data_dir, tin
     assert not (tmp_path / "eval").exists()
 
 
-def test_training_cases_come_from_the_manifest_split():
+def test_missing_weights_exit_early(shared_data_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--data-dir", str(shared_data_dir / "train"), "--weights",
+              str(tmp_path / "no_weights"), "--output-dir", str(tmp_path / "eval")])
+
+    assert stopped.value.code == 2
+    assert "no_weights" in capsys.readouterr().err
+    assert not (tmp_path / "eval").exists()
+
+
+def test_training_cases_from_manifest():
     from livertumorai.weights import BUNDLED_WEIGHTS_DIR
 
     assert training_cases_of(str(BUNDLED_WEIGHTS_DIR)) == {"ircadb1.7", "chaos_ct3", "ircadb1.17"}

@@ -1,26 +1,27 @@
 """Inference-only copies of the networks: batch norm folded, ReLU fused, no concatenation.
 
 In eager PyTorch a conv-BN-ReLU block costs three passes over memory, and a U-Net decoder
-copies its two inputs into one tensor before convolving them. On the 2-core CPU of
-`benchmarks/BENCHMARKS.md` batch norm, ReLU and `torch.cat` took about half of the U-Net's
-time while the convolutions themselves ran at two thirds of the matmul throughput. The
-copies made here remove that overhead without changing the arithmetic:
+copies its two inputs into one tensor before convolving them. In a bf16 profile of the U-Net
+on the 2-core CPU of `benchmarks/BENCHMARKS.md`, batch norm, ReLU and `torch.cat` took about
+half of the time. The convolutions themselves ran at about two thirds of the matmul
+throughput. The copies made here remove that overhead and give the same results up to
+rounding:
 
-- batch norm is folded into the preceding convolution's weight and bias
-  (`torch.nn.utils.fusion.fuse_conv_bn_weights`);
-- on the CPU the convolution and its ReLU run as one oneDNN call,
-  `torch.ops.mkldnn._convolution_pointwise`. `torch.compile` emits the same kernel for this
-  pattern. Elsewhere, or when that kernel is missing, `conv2d` runs and then an in-place ReLU;
-- a U-Net decoder's first convolution over ``cat([up, skip])`` is split by input channels
-  into ``conv(up, W_up) + conv(skip, W_skip)``, the sum fused into the second call;
-- weights are stored once in the compute dtype and channels-last layout, so no autocast
-  cast runs per batch;
+- Batch norm is folded into the preceding convolution's weight and bias
+  (`torch.nn.utils.fusion.fuse_conv_bn_weights`).
+- On the CPU the convolution and its ReLU run as one oneDNN call,
+  `torch.ops.mkldnn._convolution_pointwise`. Elsewhere, or when that kernel is missing,
+  `conv2d` runs and then an in-place ReLU.
+- A U-Net decoder's first convolution over ``cat([up, skip])`` is split by input channels
+  into ``conv(up, W_up) + conv(skip, W_skip)``. The sum is fused into the second call.
+- Weights are stored once in the compute dtype and channels-last layout, so no autocast
+  cast runs per batch.
 - 2x2 max pooling is the maximum of four strided views. `max_pool2d` also writes int64
-  indices, and took four times as long on the U-Net's first level.
+  indices, and took about four times as long on the U-Net's first level.
 
-The copies hold no training state and accept inputs already in their dtype and layout
-(`FusedNetwork.prepare_input`). `flop_reference` keeps the original network, because the
-FLOP counter does not see inside the oneDNN calls.
+The copies contain no training state and expect inputs already in their dtype and layout
+(`FusedNetwork.prepare_input`). `flop_reference` keeps the original network, because
+`torch.utils.flop_counter` does not count the oneDNN calls.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _onednn_ops():
-    """Return (unary, binary) oneDNN fused convolution ops, or None when this torch lacks them."""
+    """Return the (unary, binary) oneDNN fused convolution ops, or None if torch has none."""
     try:
         unary = torch.ops.mkldnn._convolution_pointwise
         return unary.default, unary.binary
@@ -72,8 +73,8 @@ def onednn_fusion_available(dtype: torch.dtype) -> bool:
             fused = ops[0](probe, weight, None, [1, 1], [1, 1], [1, 1], 1, "relu", [], "")
             expected = F.relu(F.conv2d(probe, weight, padding=1))
     except RuntimeError as err:
-        logger.info("oneDNN fused convolution unavailable in %s (%s); using conv2d + ReLU",
-                    dtype, err)
+        logger.info("oneDNN fused convolution failed in %s (%s), so conv2d and ReLU run "
+                    "separately.", dtype, err)
         return False
     return bool(torch.allclose(fused.float(), expected.float(), rtol=0.02, atol=0.05))
 
@@ -86,6 +87,7 @@ def _folded(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.
 
 
 def _frozen(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """Return `tensor` as a frozen parameter in `dtype` on `device`, channels-last if 4-D."""
     tensor = tensor.detach().to(device=device, dtype=dtype)
     if tensor.dim() == 4:
         tensor = tensor.contiguous(memory_format=torch.channels_last)
@@ -93,10 +95,10 @@ def _frozen(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> n
 
 
 class _ConvReLU(nn.Module):
-    """A 2-D convolution with optional ReLU; `forward(x, residual)` adds `residual` first.
+    """A 2-D convolution with an optional ReLU. `forward(x, residual)` adds `residual` first.
 
-    `weight` and `bias` may differ from `like`'s (folded or split); stride, padding,
-    dilation and groups come from `like`.
+    `weight` and `bias` may differ from those of `like`, because they are folded or split.
+    Stride, padding, dilation and groups come from `like`.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Conv2d,
@@ -110,7 +112,8 @@ class _ConvReLU(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is not None and not self.relu:
-            raise ValueError("a residual is only fused into a convolution followed by ReLU")
+            raise ValueError("A residual was passed to a convolution without ReLU; pass it "
+                             "only to a convolution followed by ReLU.")
         if self._ops is not None and x.device.type == "cpu":
             unary, binary = self._ops
             if residual is None:
@@ -118,6 +121,8 @@ class _ConvReLU(nn.Module):
                 return unary(x, self.weight, self.bias, *self.geometry, activation, [], "")
             return binary(x, residual, self.weight, self.bias, *self.geometry, "add", None,
                           "relu", [], "")
+        # NOTE: this path has run only on the CPU, in tests. The CUDA float16 path it also
+        # serves has not been run on a GPU.
         padding, stride, dilation, groups = self.geometry
         y = F.conv2d(x, self.weight, self.bias, stride, padding, dilation, groups)
         if residual is not None:
@@ -136,13 +141,20 @@ class _MaxPool2x2(nn.Module):
         return torch.maximum(rows_even, rows_odd)
 
 
+def _as_pair(value) -> tuple:
+    """Return a pooling setting as a (height, width) pair."""
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    return (value, value)
+
+
 def _is_2x2_max_pool(module: nn.Module) -> bool:
-    def pair(value):
-        return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    return (isinstance(module, nn.MaxPool2d) and pair(module.kernel_size) == (2, 2)
-            and pair(module.stride) == (2, 2) and pair(module.padding) == (0, 0)
-            and pair(module.dilation) == (1, 1) and not module.ceil_mode
-            and not module.return_indices)
+    """Return True for `MaxPool2d(2)`: 2x2 window, stride 2, no padding, no indices."""
+    if not isinstance(module, nn.MaxPool2d):
+        return False
+    return (_as_pair(module.kernel_size) == (2, 2) and _as_pair(module.stride) == (2, 2)
+            and _as_pair(module.padding) == (0, 0) and _as_pair(module.dilation) == (1, 1)
+            and not module.ceil_mode and not module.return_indices)
 
 
 def _fuse_sequential(block: nn.Sequential, dtype, device, use_onednn) -> nn.Sequential:
@@ -164,19 +176,22 @@ def _fuse_sequential(block: nn.Sequential, dtype, device, use_onednn) -> nn.Sequ
             weight, bias = _folded(layer, layers[index])
             index += 1
         relu = index < len(layers) and isinstance(layers[index], nn.ReLU)
-        index += relu
+        if relu:
+            index += 1
         fused.append(_ConvReLU(weight, bias, layer, relu, dtype, device, use_onednn))
     return nn.Sequential(*fused)
 
 
 def _cast(module: nn.Module, dtype, device) -> nn.Module:
+    """Return a copy of `module` in `dtype` on `device`."""
     if isinstance(module, nn.BatchNorm2d):
-        raise ValueError("batch norm without a preceding convolution cannot be folded")
+        raise ValueError("A BatchNorm2d without a preceding Conv2d cannot be folded; only "
+                         "UNet2D and SliceClassifier layouts are supported.")
     return copy.deepcopy(module).to(device=device, dtype=dtype)
 
 
 class FusedNetwork(nn.Module):
-    """Base of the fused copies.
+    """Base class of the fused copies.
 
     Attributes:
         network_name: class name of the source network (for logs and benchmarks).
@@ -213,7 +228,9 @@ class FusedUNet2D(FusedNetwork):
         for decoder in source.decoders:
             first = decoder[0]
             weight, bias = _folded(first, decoder[1])
-            up_channels = first.in_channels // 2  # cat order: [upsampled, skip]
+            # UNet2D concatenates [upsampled, skip], so the first half of the input
+            # channels belongs to the upsampled tensor.
+            up_channels = first.in_channels // 2
             self.up_convs.append(_ConvReLU(weight[:, :up_channels], bias, first,
                                            True, dtype, device, use_onednn))
             self.skip_convs.append(_ConvReLU(weight[:, up_channels:], None, first,
@@ -264,8 +281,8 @@ def fuse_for_inference(model: nn.Module, dtype: torch.dtype,
     """
     device = torch.device(device)
     if model.training:
-        raise ValueError(f"{type(model).__name__} is in training mode; call .eval() first, "
-                         "so batch norm uses its running statistics")
+        raise ValueError(f"{type(model).__name__} is in training mode. Call .eval() first, "
+                         "so that batch norm uses its running statistics.")
     source = model
     use_onednn = device.type == "cpu" and onednn_fusion_available(dtype)
     if isinstance(source, UNet2D):
@@ -273,7 +290,8 @@ def fuse_for_inference(model: nn.Module, dtype: torch.dtype,
     elif isinstance(source, SliceClassifier):
         fused = FusedSliceClassifier(source, dtype, device, use_onednn)
     else:
-        raise TypeError(f"cannot fuse a {type(model).__name__}; expected UNet2D or SliceClassifier")
+        raise TypeError(f"Cannot fuse a {type(model).__name__}: expected a UNet2D or a "
+                        "SliceClassifier.")
     logger.debug("Fused %s for inference in %s on %s (oneDNN: %s)",
                  fused.network_name, dtype, device, use_onednn)
     return fused.eval()
