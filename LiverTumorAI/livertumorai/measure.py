@@ -19,7 +19,7 @@ from scipy.spatial.distance import pdist
 
 from livertumorai.constants import LABEL_BACKGROUND, LABEL_TUMOR
 from livertumorai.geometry import AxialFrame, ImageGeometry
-from livertumorai.postprocess import bounding_box, label_components_by_size
+from livertumorai.postprocess import bounding_box, label_components, label_components_by_size
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +171,19 @@ def measure(labels_zyx: np.ndarray, geometry: ImageGeometry, frame: AxialFrame) 
         )
     voxel_ml = geometry.voxel_volume_mm3 / _MM3_PER_ML
 
-    whole_liver = labels_zyx > LABEL_BACKGROUND
+    # Every count below works in the whole liver's bounding box, a fraction of the CT.
+    liver_box = bounding_box(labels_zyx > LABEL_BACKGROUND)
+    if liver_box is None:
+        liver_box = tuple(slice(0, 0) for _ in range(3))
+    cropped = labels_zyx[liver_box]
+    offset_zyx = tuple(part.start for part in liver_box)
+    whole_liver = cropped > LABEL_BACKGROUND
     whole_liver_voxels = int(np.count_nonzero(whole_liver))
-    tumor_voxels = int(np.count_nonzero(labels_zyx == LABEL_TUMOR))
-    liver_centroid_ras = _centroid_ras(whole_liver, (0, 0, 0), geometry)
+    tumor_voxels = int(np.count_nonzero(cropped == LABEL_TUMOR))
+    liver_centroid_ras = _centroid_ras(whole_liver, offset_zyx, geometry)
     del whole_liver
 
-    lesions = _measure_lesions(labels_zyx, geometry, frame, voxel_ml)
+    lesions = _measure_lesions(cropped, offset_zyx, geometry, frame, voxel_ml)
 
     liver_volume_ml = whole_liver_voxels * voxel_ml
     tumor_volume_ml = tumor_voxels * voxel_ml
@@ -223,19 +229,31 @@ def slice_areas_mm2(labels_zyx: np.ndarray, frame: AxialFrame) -> tuple[np.ndarr
 
 
 def _measure_lesions(
-    labels_zyx: np.ndarray, geometry: ImageGeometry, frame: AxialFrame, voxel_ml: float
+    labels_zyx: np.ndarray,
+    offset_zyx: tuple[int, int, int],
+    geometry: ImageGeometry,
+    frame: AxialFrame,
+    voxel_ml: float,
 ) -> tuple[Lesion, ...]:
-    """Measure each tumor component, working inside the tumors' bounding box."""
+    """Measure each tumor component, working inside the tumors' bounding box.
+
+    `labels_zyx` may be a box of the full label map, whose first voxel lies at index
+    `offset_zyx` of the full map.
+    """
     tumor_box = bounding_box(labels_zyx == LABEL_TUMOR)
     if tumor_box is None:
         return ()
-    lesion_ids, _ = label_components_by_size(labels_zyx[tumor_box] == LABEL_TUMOR)
-    tumor_offset = tuple(part.start for part in tumor_box)
+    # Components keep cc3d's ids here and are visited largest first, which numbers them
+    # as label_lesions does without renumbering every voxel of the box.
+    component_ids, sizes = label_components(labels_zyx[tumor_box] == LABEL_TUMOR)
+    component_boxes = ndimage.find_objects(component_ids)
+    tumor_offset = tuple(o + part.start for o, part in zip(offset_zyx, tumor_box))
     row_spacing_mm, column_spacing_mm = float(frame.spacing_mm[1]), float(frame.spacing_mm[2])
 
     lesions = []
-    for index, lesion_box in enumerate(ndimage.find_objects(lesion_ids), start=1):
-        mask = lesion_ids[lesion_box] == index
+    for index, component_index in enumerate(np.argsort(-sizes, kind="stable"), start=1):
+        lesion_box = component_boxes[component_index]
+        mask = component_ids[lesion_box] == component_index + 1
         offset = tuple(o + part.start for o, part in zip(tumor_offset, lesion_box))
         voxel_count = int(np.count_nonzero(mask))
 

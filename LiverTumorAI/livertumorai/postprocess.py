@@ -36,6 +36,7 @@ __all__ = [
     "postprocess_labels",
     "bounding_box",
     "connectivity_26",
+    "label_components",
     "label_components_by_size",
 ]
 
@@ -86,6 +87,24 @@ def connectivity_26() -> np.ndarray:
     return ndimage.generate_binary_structure(3, 3)
 
 
+def label_components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Label the 26-connected components of a 3-D mask in the order cc3d finds them.
+
+    Cheaper than :func:`label_components_by_size` when the caller only needs each
+    component's size or box, because the ids are not renumbered.
+
+    Returns:
+        An int32 array of component ids (0 outside the mask), and the voxel count of
+        each component (int64, entry ``i - 1`` for id ``i``).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    component_ids, num_components = _label(mask, connectivity=26)
+    # Counting only the mask's voxels is cheaper: a liver mask covered 9 % of a
+    # 512x512x129 CT here.
+    sizes = np.bincount(component_ids[mask], minlength=num_components + 1)[1:]
+    return component_ids, sizes
+
+
 def label_components_by_size(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Label the 26-connected components of a 3-D mask, numbered by decreasing size.
 
@@ -104,11 +123,8 @@ def label_components_by_size(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         component), and the voxel count of each component (int64, entry ``i - 1`` for
         id ``i``, so in decreasing order).
     """
-    mask = np.asarray(mask, dtype=bool)
-    component_ids, num_components = _label(mask, connectivity=26)
-    # Counting only the mask's voxels is cheaper: a liver mask covered 9 % of a
-    # 512x512x129 CT here.
-    sizes = np.bincount(component_ids[mask], minlength=num_components + 1)[1:]
+    component_ids, sizes = label_components(mask)
+    num_components = sizes.size
     if num_components <= 1:
         return component_ids, sizes
 
@@ -165,13 +181,13 @@ def postprocess_labels(
        an exact nearest-neighbour search and equals a distance transform sampled at that
        spacing. A voxel exactly at the tolerance is kept. Without step 2 every tumor voxel is
        part of the whole liver and this step does nothing.
-    4. With ``fill_holes``, holes in the whole liver are filled and become liver. First
-       come 3-D holes: background not connected to the border of the volume through
-       face-adjacent background voxels. Then come 2-D holes in each slice across
-       ``slice_axis_zyx``: background enclosed in-plane through edge-adjacent pixels,
-       which catches vessels that leave the liver above or below.
-    5. With ``fill_holes``, holes inside tumors are filled the same way (3-D, then per
-       slice), and the filled voxels become tumor.
+    4. With ``fill_holes``, holes in the whole liver are filled and become liver. A hole
+       is background enclosed within a slice across ``slice_axis_zyx``: not connected
+       to the slice's edges through edge-adjacent background pixels. This catches the
+       vessels that leave the liver above or below, and it includes every 3-D hole
+       (background not connected to the volume border through face-adjacent background).
+    5. With ``fill_holes``, holes inside tumors are filled the same way, and the filled
+       voxels become tumor.
     6. Tumor components (26-connected) with a volume below ``min_lesion_volume_mm3``
        become liver. A small component touching no liver tissue (a speck kept by step 3
        outside the liver) becomes background instead, so that no liver island appears.
@@ -292,7 +308,7 @@ def _keep_largest_liver(
     whole_liver_voxels = int(np.count_nonzero(labels_zyx))
     kept_liver = _largest_component(labels_zyx > LABEL_BACKGROUND)
     outside_tumor = labels_zyx == LABEL_TUMOR
-    outside_tumor[kept_liver] = False
+    outside_tumor &= ~kept_liver
     near_tumor = _within_distance(outside_tumor, kept_liver, spacing_mm, tolerance_mm)
 
     kept_voxels = int(np.count_nonzero(kept_liver))
@@ -330,7 +346,7 @@ def _fill_liver_and_tumor_holes(
     whole_liver: np.ndarray, tumor: np.ndarray, slice_axis_zyx: int, voxel_ml: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fill holes in the whole liver (they become liver) and in tumors (steps 4, 5)."""
-    filled_liver = _fill_holes_3d_and_slices(whole_liver, slice_axis_zyx)
+    filled_liver = _fill_holes_in_slices(whole_liver, slice_axis_zyx)
     added_liver_voxels = np.count_nonzero(filled_liver) - np.count_nonzero(whole_liver)
     if added_liver_voxels:
         logger.info(
@@ -341,7 +357,7 @@ def _fill_liver_and_tumor_holes(
 
     # A hole enclosed by tumor is also enclosed by the whole liver, so the filled tumor
     # stays inside the filled liver. The `&` only guards that invariant.
-    filled_tumor = _fill_holes_3d_and_slices(tumor, slice_axis_zyx) & filled_liver
+    filled_tumor = _fill_holes_in_slices(tumor, slice_axis_zyx) & filled_liver
     added_tumor_voxels = np.count_nonzero(filled_tumor) - np.count_nonzero(tumor)
     if added_tumor_voxels:
         logger.info(
@@ -372,23 +388,24 @@ def _remove_small_lesions(
     # Ids run by decreasing size, so the small components are the ids above num_kept.
     # Component ids and the masks below cover the tumors' box, grown by one voxel so
     # that the liver tissue around a tumor at the box's edge is seen.
-    grown = tuple(
-        slice(max(0, part.start - 1), min(length, part.stop + 1))
-        for part, length in zip(tumor_box, tumor.shape)
-    )
+    grown = _grow_box(tumor_box, 1, tumor.shape)
     padding = tuple(
         (part.start - outer.start, outer.stop - part.stop) for part, outer in zip(tumor_box, grown)
     )
     component_ids = np.pad(component_ids, padding)
     small = component_ids > num_kept
     liver_tissue = whole_liver[grown] & ~tumor[grown]
-    next_to_liver = ndimage.binary_dilation(liver_tissue, structure=connectivity_26())
-    next_to_liver &= small
-    attached_ids = np.unique(component_ids[next_to_liver])
-    is_attached = np.zeros(sizes.size + 1, dtype=bool)
-    is_attached[attached_ids] = True
-    detached = ~_apply_lookup(is_attached, component_ids)
-    detached &= small
+    detached = np.zeros_like(small)
+    # Each small component is checked in its own box grown by one voxel, which holds all
+    # its 26-neighbours; dilating the liver tissue of the whole tumor box cost more than
+    # the rest of this step on a CT with many lesions.
+    component_boxes = ndimage.find_objects(component_ids)
+    for component_id in range(num_kept + 1, sizes.size + 1):
+        around = _grow_box(component_boxes[component_id - 1], 1, component_ids.shape)
+        component = component_ids[around] == component_id
+        neighbours = ndimage.binary_dilation(component, structure=connectivity_26())
+        if not np.any(neighbours & liver_tissue[around]):
+            detached[around] |= component
 
     small_voxels = int(sizes[num_kept:].sum())
     detached_voxels = int(np.count_nonzero(detached))
@@ -409,19 +426,30 @@ def _remove_small_lesions(
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """Return the largest 26-connected component of a non-empty boolean mask."""
-    component_ids, sizes = label_components_by_size(mask)
-    # Dropping the reference lets CPython free a temporary mask built by the caller
-    # before `component_ids == 1` allocates another one.
-    del mask
-    if sizes.size > 1:
-        logger.debug(
-            "The whole liver has %d components; the largest has %d of %d voxels.",
-            sizes.size,
-            sizes[0],
-            sizes.sum(),
-        )
-    return component_ids == 1
+    """Return the largest 26-connected component of a non-empty boolean mask.
+
+    Ties in size go to the component whose first voxel comes first in C order.
+    """
+    component_ids, num_components = _label(mask, connectivity=26)
+    if num_components <= 1:
+        return component_ids > 0
+    sizes = np.bincount(component_ids[mask], minlength=num_components + 1)
+    sizes[0] = 0
+    logger.debug(
+        "The whole liver has %d components; the largest has %d of %d voxels.",
+        num_components,
+        sizes.max(),
+        sizes.sum(),
+    )
+    return component_ids == int(np.argmax(sizes))
+
+
+def _grow_box(box: tuple[slice, ...], margin: int, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """Return `box` grown by `margin` voxels on every side, clipped to an array of `shape`."""
+    return tuple(
+        slice(max(0, part.start - margin), min(length, part.stop + margin))
+        for part, length in zip(box, shape)
+    )
 
 
 def _within_distance(
@@ -451,17 +479,14 @@ def _within_distance(
         slice(max(0, part.start - margin), min(length, part.stop + margin))
         for part, margin, length in zip(box, margins, candidates.shape)
     )
-    target_box = target[grown]
-    surface = ndimage.binary_erosion(target_box, border_value=1)
-    np.logical_not(surface, out=surface)
-    surface &= target_box
+    surface = _face_surface(target[grown])
     surface_index = np.argwhere(surface) + np.array([part.start for part in grown])
     if surface_index.size == 0:
         return result
 
     spacing = np.asarray(spacing_mm)
     tree = cKDTree(surface_index * spacing)
-    candidate_index = np.argwhere(candidates)
+    candidate_index = np.argwhere(candidates[box]) + np.array([part.start for part in box])
     distance_mm, _ = tree.query(
         candidate_index * spacing, distance_upper_bound=tolerance_mm + _DISTANCE_EPSILON_MM
     )
@@ -470,46 +495,57 @@ def _within_distance(
     return result
 
 
-def _fill_holes_3d_and_slices(mask: np.ndarray, slice_axis_zyx: int) -> np.ndarray:
-    """Fill 3-D holes, then 2-D holes in each slice across `slice_axis_zyx`.
+def _face_surface(mask: np.ndarray) -> np.ndarray:
+    """Return the voxels of `mask` with a face neighbour outside it, inside the array.
 
-    3-D holes are background regions not connected to the array border through
-    face-adjacent (6-connected) background, the complement of 26-connected foreground.
-    The 2-D pass connects background only within a slice (4-connected) and counts only the
-    in-plane edges of each slice as its border.
+    Beyond the array's edges counts as inside the mask, as in a binary erosion with
+    ``border_value=1``. Shifted comparisons were several times faster than
+    `scipy.ndimage.binary_erosion` here.
+    """
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        lower = [slice(None)] * mask.ndim
+        upper = [slice(None)] * mask.ndim
+        lower[axis], upper[axis] = slice(None, -1), slice(1, None)
+        interior[tuple(upper)] &= mask[tuple(lower)]
+        interior[tuple(lower)] &= mask[tuple(upper)]
+    return mask & ~interior
+
+
+def _fill_holes_in_slices(mask: np.ndarray, slice_axis_zyx: int) -> np.ndarray:
+    """Fill the 2-D holes of each slice across `slice_axis_zyx`.
+
+    A hole is background not connected to the slice's in-plane edges through
+    edge-adjacent (4-connected) background pixels. This also fills every 3-D hole
+    (background not connected to the volume border through face-adjacent background):
+    each slice of a 3-D hole is cut off from that slice's edges too, because an in-plane
+    path is also a path in 3-D. So no separate 3-D pass is needed.
+
+    Every slice is labelled in one call: the slices are stacked into one tall 2-D image,
+    with a row that is not background after each slice, so no background component
+    crosses from one slice into the next.
     """
     filled = mask.copy()
     box = bounding_box(mask)
     if box is None:
         return filled
-    # Outside the mask's bounding box all is background connected to the border, so
+    # Outside the mask's bounding box all is background connected to the edges, so
     # filling inside the box gives the same result at a fraction of the cost.
-    in_box = _fill_enclosed_background(mask[box], connectivity=6)
-    # Background is 4-connected within each slice, and each slice's own edges are its border.
-    slices_first = np.moveaxis(in_box, slice_axis_zyx, 0)
-    for index in range(slices_first.shape[0]):
-        slices_first[index] = _fill_enclosed_background(slices_first[index], connectivity=4)
-    filled[box] = in_box
-    return filled
-
-
-def _fill_enclosed_background(mask: np.ndarray, connectivity: int) -> np.ndarray:
-    """Return `mask` plus the background components that touch no border of the array.
-
-    `connectivity` applies to the background: 6 (3-D) or 4 (2-D). Labelling the background
-    once is several times faster than `scipy.ndimage.binary_fill_holes`, which propagates
-    by repeated erosion.
-    """
-    background_ids, count = _label(~mask, connectivity=connectivity)
+    slices_first = np.moveaxis(filled[box], slice_axis_zyx, 0)  # a view into `filled`
+    num_slices, rows, columns = slices_first.shape
+    background = np.zeros((num_slices, rows + 1, columns), dtype=bool)
+    np.logical_not(slices_first, out=background[:, :rows])
+    ids, count = _label(background.reshape(num_slices * (rows + 1), columns), connectivity=4)
     if count == 0:
-        return mask.copy()
-    touches_border = np.zeros(count + 1, dtype=bool)
-    for axis in range(mask.ndim):
-        for index in (0, -1):
-            touches_border[np.take(background_ids, index, axis=axis)] = True
-    enclosed = ~touches_border
+        return filled
+    ids = ids.reshape(num_slices, rows + 1, columns)[:, :rows]
+    touches_edge = np.zeros(count + 1, dtype=bool)
+    for edge in (ids[:, 0, :], ids[:, -1, :], ids[:, :, 0], ids[:, :, -1]):
+        touches_edge[edge] = True
+    enclosed = ~touches_edge
     enclosed[0] = False  # id 0 is the mask itself
-    return mask | enclosed[background_ids]
+    slices_first |= enclosed[ids]
+    return filled
 
 
 def _slabs(array: np.ndarray, max_voxels: int) -> Iterator[slice]:

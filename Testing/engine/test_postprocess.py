@@ -81,6 +81,52 @@ def test_small_lesion_becomes_liver():
     assert np.count_nonzero(result == LABEL_TUMOR) == 22
 
 
+def test_small_speck_outside_liver_becomes_background():
+    # Tumor just outside the liver survives the tolerance rule; when small it must not
+    # turn into a liver island, while a small lesion inside the liver becomes liver.
+    options = PostprocessOptions(min_lesion_volume_mm3=20.0)
+    labels = _box_liver()
+    labels[8:10, 10:12, 31:33] = LABEL_TUMOR  # 8 voxels, 2 mm beyond the liver's x edge
+    labels[8:10, 14:16, 14:16] = LABEL_TUMOR  # 8 voxels inside the liver
+    labels[8:11, 20:24, 24:26] = LABEL_TUMOR  # 24 voxels inside the liver, kept
+
+    result = postprocess_labels(labels, ISOTROPIC_1MM, options)
+
+    assert not result[8:10, 10:12, 31:33].any()
+    assert np.all(result[8:10, 14:16, 14:16] == LABEL_LIVER)
+    assert np.all(result[8:11, 20:24, 24:26] == LABEL_TUMOR)
+    assert np.count_nonzero(result == LABEL_TUMOR) == 24
+
+
+def _reference_fill(mask: np.ndarray, slice_axis_zyx: int) -> np.ndarray:
+    """Fill 3-D holes, then the 2-D holes of each slice, with scipy.ndimage."""
+    from scipy import ndimage
+
+    filled = ndimage.binary_fill_holes(mask)
+    slices_first = np.moveaxis(filled, slice_axis_zyx, 0)
+    for index in range(slices_first.shape[0]):
+        slices_first[index] = ndimage.binary_fill_holes(slices_first[index])
+    return filled
+
+
+@pytest.mark.parametrize("slice_axis_zyx", [0, 1, 2])
+def test_hole_filling_matches_scipy(slice_axis_zyx):
+    # Random blobs with cavities, tunnels and holes that touch the box's faces.
+    from scipy import ndimage
+
+    rng = np.random.default_rng(slice_axis_zyx)
+    noise = ndimage.gaussian_filter(rng.random((24, 30, 36)), sigma=1.5)
+    liver = noise > np.quantile(noise, 0.35)
+    labels = liver.astype(np.uint8) * LABEL_LIVER
+    options = PostprocessOptions(min_lesion_volume_mm3=0.0, keep_largest_liver_component=False)
+
+    result = postprocess_labels(labels, ISOTROPIC_1MM, options, slice_axis_zyx=slice_axis_zyx)
+
+    expected = _reference_fill(liver, slice_axis_zyx)
+    assert np.count_nonzero(expected) > np.count_nonzero(liver)  # some holes were filled
+    np.testing.assert_array_equal(result > 0, expected)
+
+
 def test_default_minimum_is_5mm_sphere():
     labels = _box_liver()
     labels[6:10, 12:16, 12:16] = LABEL_TUMOR  # 64 voxels = 64 mm3
