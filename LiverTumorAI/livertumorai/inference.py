@@ -119,35 +119,48 @@ def _check_cancel(cancel: CancelCheck | None) -> None:
         raise RunCancelledError("the run was cancelled", "Start it again when ready.")
 
 
-def _prepare_model(model: nn.Module, device: torch.device, autocast_dtype: torch.dtype | None,
-                   channels_last: bool, fuse: bool):
-    """Return (model ready for inference, function that prepares its input batch)."""
-    if fuse:
-        fused = fuse_for_inference(model.eval(), autocast_dtype or torch.float32, device)
-        return fused, fused.prepare_input
-    model = model.to(device).eval()
-    if not channels_last:
-        return model, lambda images: images
-    model = model.to(memory_format=torch.channels_last)
-    return model, lambda images: images.contiguous(memory_format=torch.channels_last)
-
-
-def _softmax_batches(model, stack_hu, preprocessor, indices, device, autocast_dtype,
-                     batch_size, channels_last, fuse, cancel):
+def _softmax_batches(network, stack_hu, preprocessor, indices, batch_size, cancel):
     """Yield (slice indices, float32 softmax probabilities) batch by batch.
+
+    `network` is a `_PreparedNetwork`.
+    """
+    with torch.inference_mode():
+        for batch in _batches(indices, batch_size):
+            _check_cancel(cancel)
+            images = network.prepare_input(preprocessor.images(stack_hu, batch).to(network.device))
+            with network.autocast():
+                logits = network.model(images)
+            yield batch, torch.softmax(logits.float(), dim=1)
+
+
+@dataclass
+class _PreparedNetwork:
+    """A network ready for inference, with the input preparation and autocast it needs."""
+
+    model: nn.Module
+    prepare_input: Callable[[torch.Tensor], torch.Tensor]
+    autocast: Callable[[], object]
+    device: torch.device
+
+
+def _prepare_network(model: nn.Module, device: torch.device, autocast_dtype, channels_last: bool,
+                     fuse: bool) -> _PreparedNetwork:
+    """Return `model` ready for a run: fused, or moved to `device` in the chosen layout.
 
     A fused model computes in `autocast_dtype` (float32 when None) without autocast. An
     unfused model runs under autocast in that dtype.
     """
-    model, prepare_input = _prepare_model(model, device, autocast_dtype, channels_last, fuse)
-    autocast = (lambda: nullcontext()) if fuse else (lambda: _autocast(device, autocast_dtype))
-    with torch.inference_mode():
-        for batch in _batches(indices, batch_size):
-            _check_cancel(cancel)
-            images = prepare_input(preprocessor.images(stack_hu, batch).to(device))
-            with autocast():
-                logits = model(images)
-            yield batch, torch.softmax(logits.float(), dim=1)
+    if fuse:
+        fused = fuse_for_inference(model.eval(), autocast_dtype or torch.float32, device)
+        return _PreparedNetwork(fused, fused.prepare_input, nullcontext, device)
+    model = model.to(device).eval()
+    prepare_input = lambda images: images  # noqa: E731
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        prepare_input = lambda images: images.contiguous(  # noqa: E731
+            memory_format=torch.channels_last)
+    return _PreparedNetwork(model, prepare_input, lambda: _autocast(device, autocast_dtype),
+                            device)
 
 
 def classify_slices(
@@ -170,10 +183,10 @@ def classify_slices(
     """
     indices = list(range(stack_hu.shape[0]))
     probabilities = np.zeros((len(indices), 3), dtype=np.float32)
+    network = _prepare_network(model, device, autocast_dtype, channels_last, fuse)
     done = 0
     for batch, batch_probabilities in _softmax_batches(
-        model, stack_hu, preprocessor, indices, device, autocast_dtype, batch_size,
-        channels_last, fuse, cancel,
+        network, stack_hu, preprocessor, indices, batch_size, cancel,
     ):
         probabilities[batch] = batch_probabilities.cpu().numpy()
         done += len(batch)
@@ -244,19 +257,21 @@ def segment_slices(
     foreground = np.zeros(shape, dtype=np.uint8)
     tumor = np.zeros(shape, dtype=np.uint8)
     indices = [int(i) for i in slice_indices]
+    network = _prepare_network(model, device, autocast_dtype, channels_last, fuse)
     done = 0
-    for batch, probabilities in _softmax_batches(
-        model, stack_hu, preprocessor, indices, device, autocast_dtype, batch_size,
-        channels_last, fuse, cancel,
-    ):
-        # Only P(liver or tumor) and P(tumor) are kept, so only they are mapped back.
+    for batch, probabilities in _softmax_batches(network, stack_hu, preprocessor, indices,
+                                                 batch_size, cancel):
+        # Only P(liver or tumor) and P(tumor) are kept, so only they are mapped back. They
+        # are scaled to 0..255 and offset by a half before the interpolation, which is
+        # linear with weights summing to one: the full-size maps then need only the cast
+        # to uint8, whose truncation rounds to the nearest level.
         foreground_and_tumor = torch.stack([1.0 - probabilities[:, 0], probabilities[:, 2]],
                                            dim=1)
-        restored = preprocessor.restore(foreground_and_tumor, fill=(0.0, 0.0))
-        scaled = restored.mul_(_PROBABILITY_SCALE).round_().clamp_(0, _PROBABILITY_SCALE)
-        scaled = scaled.to(torch.uint8).cpu().numpy()
-        foreground[batch] = scaled[:, 0]
-        tumor[batch] = scaled[:, 1]
+        foreground_and_tumor.clamp_(0.0, 1.0).mul_(_PROBABILITY_SCALE).add_(0.5)
+        restored = preprocessor.restore(foreground_and_tumor, fill=(0.5, 0.5))
+        restored = restored.to(torch.uint8).cpu().numpy()
+        foreground[batch] = restored[:, 0]
+        tumor[batch] = restored[:, 1]
         done += len(batch)
         if progress:
             progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")

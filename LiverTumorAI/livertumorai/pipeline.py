@@ -274,7 +274,7 @@ def segment_ct(
 
         with clock.stage("write", f"writing outputs to {output_dir}"):
             data = _report_data(
-                ct, geometry, frame, stack_hu.shape, center_rc, probabilities, slice_indices,
+                ct, geometry, frame, stack_hu.shape, center_rc, probabilities, maps.segmented_slices,
                 measurements, options,
                 [classifier_entry, segmenter_entry], manifest, device, autocast_dtype, threads,
             )

@@ -60,6 +60,13 @@ def body_center_rc(stack_hu: np.ndarray) -> tuple[float, float]:
     return (min(row, stack_hu.shape[1] - 1.0), min(col, stack_hu.shape[2] - 1.0))
 
 
+def _rows(stack: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Return `stack[indices]`, as a view without a copy when the indices are consecutive."""
+    if indices.size and np.array_equal(indices, np.arange(indices[0], indices[0] + indices.size)):
+        return stack[indices[0]:indices[0] + indices.size]
+    return stack[indices]
+
+
 class SlicePreprocessor:
     """Prepare slices of one axial stack for one network and map outputs back.
 
@@ -135,14 +142,24 @@ class SlicePreprocessor:
         return prepared
 
     def prepare_slices(self, stack_hu: np.ndarray, slice_indices: Sequence[int]) -> torch.Tensor:
-        """Return single slices windowed, resampled and cropped: (n, height, width) float32."""
-        picked = stack_hu[np.asarray(slice_indices)]
-        hu = torch.from_numpy(np.ascontiguousarray(picked, dtype=np.float32))
-        unit = window_to_unit(hu, self.prep.window_center_hu, self.prep.window_width_hu,
-                              inplace=True)  # `hu` is a fresh copy
-        resampled = F.interpolate(unit[:, None], size=self.resampled_shape, mode="bilinear",
-                                  align_corners=False, antialias=True).clamp_(0.0, 1.0)
-        return self._crop(resampled, fill=0.0)[:, 0]
+        """Return single slices windowed, resampled and cropped: (n, height, width) float32.
+
+        The window is a clip to its HU range followed by a linear map to [0, 1]. The
+        interpolation weights of each output pixel sum to one, so the linear map gives
+        the same result before or after resampling. It runs after, on the smaller image,
+        and the clip is fused with the copy out of the stack: one pass over the
+        full-size slices instead of three.
+        """
+        indices = np.asarray(slice_indices, dtype=np.int64)
+        width_hu = self.prep.window_width_hu
+        low_hu = self.prep.window_center_hu - width_hu / 2.0
+        clipped = np.empty((len(indices), *self.stack_shape_rc), dtype=np.float32)
+        np.clip(_rows(stack_hu, indices), low_hu, low_hu + width_hu, out=clipped,
+                casting="unsafe")
+        resampled = F.interpolate(torch.from_numpy(clipped)[:, None], size=self.resampled_shape,
+                                  mode="bilinear", align_corners=False, antialias=True)
+        unit = resampled.sub_(low_hu).div_(width_hu).clamp_(0.0, 1.0)
+        return self._crop(unit, fill=0.0)[:, 0]
 
     def labels(self, labels_stack: np.ndarray, slice_indices: Sequence[int]) -> torch.Tensor:
         """Return label maps (batch, height, width), int64, resampled by nearest neighbour."""
