@@ -89,12 +89,17 @@ _GB = 1e9
 # Child processes
 
 
-def _run_in_child(job: dict) -> dict:
+def _run_in_child(job: dict, prepare: bool = True) -> dict:
     """Run `job` in a fresh spawned process and return its result dictionary.
+
+    With `prepare` the child applies `livertumorai.runtime.prepare_process` as the command
+    line does (freed memory kept for reuse, imported objects frozen for the garbage
+    collector); otherwise it runs with the C library's and Python's defaults.
 
     A child that ends without sending a result (killed for memory, say) gives a result
     with `error` set, so one failed measurement does not end the benchmark.
     """
+    job = {**job, "prepare_process": prepare}
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_child_main, args=(job, sender), name=job["kind"])
@@ -108,6 +113,18 @@ def _run_in_child(job: dict) -> dict:
                          f"{process.exitcode}; -9 usually means it was killed for memory)"}
     process.join()
     return result
+
+
+def _apply_process_settings(job: dict) -> None:
+    """Apply the command line's process settings unless the job asks for the defaults.
+
+    Each job calls this after its imports, as the command line does, so that the imported
+    objects are frozen and the import time is measured as before.
+    """
+    if job.get("prepare_process", True):
+        from livertumorai.runtime import prepare_process
+
+        prepare_process()
 
 
 def _child_main(job: dict, sender) -> None:
@@ -239,6 +256,7 @@ def _job_machine(job: dict) -> dict:
 
     from livertumorai.inference import select_autocast_dtype, select_device
 
+    _apply_process_settings(job)
     device = select_device(job["device"])
     if device.type == "cpu":
         torch.set_num_threads(job["threads"])
@@ -310,6 +328,7 @@ def _job_engine(job: dict) -> dict:
 
     import_s = time.perf_counter() - import_start
     import_rss_bytes = _proc_status_bytes("VmRSS")
+    _apply_process_settings(job)
     options = SegmentOptions(**job["options"])
     timer = _NetworkTimer(select_device(options.device))
 
@@ -367,6 +386,7 @@ def _job_peer_3d(job: dict) -> dict:
 
     import_s = time.perf_counter() - import_start
     import_rss_bytes = _proc_status_bytes("VmRSS")
+    _apply_process_settings(job)
     device = select_device(job["device"])
     if device.type == "cpu":
         torch.set_num_threads(job["threads"])
@@ -835,7 +855,7 @@ def _machine_line(results: dict) -> str:
         bf16 = "AVX512-BF16"
     text = (f"CPU: {cpu['model']}, {cpu['usable_cpus']} usable of {cpu['logical_cpus']} logical "
             f"CPUs ({cpu['physical_cores'] or '?'} physical cores), {bf16}; threads "
-            f"{results['threads']}")
+            f"{results['threads']}; process {results.get('process_settings', 'system defaults')}")
     if "error" not in machine:
         matmul = ", ".join(f"{name} {value:.0f}" for name, value in
                            machine["matmul_gflops"].items())
@@ -955,6 +975,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the warm-up run, so the measured run includes first-call costs")
 
+    parser.add_argument("--system-defaults", action="store_true",
+                        help="run every path with the C library's malloc and Python's "
+                        "garbage collector as they come, instead of the command line's "
+                        "settings (shows what livertumorai.runtime.prepare_process gains)")
+
     parser.add_argument("--json", metavar="FILE", help="write every number as JSON")
     parser.add_argument("--markdown", metavar="FILE",
                         help="write the tables as Markdown for benchmarks/BENCHMARKS.md")
@@ -1022,6 +1047,7 @@ def run_benchmark(args, inputs: list[Path], work_dir: Path) -> dict:
     from livertumorai.weights import find_manifest
 
     threads = args.threads or default_thread_count()
+    prepare = not args.system_defaults
     cpu = cpu_description()
     load_before = os.getloadavg()[0]
     warnings = []
@@ -1049,7 +1075,8 @@ def run_benchmark(args, inputs: list[Path], work_dir: Path) -> dict:
     logger.info("Measuring matmul throughput ...")
     machine = _run_in_child({"kind": "machine", "device": args.device, "threads": threads,
                              "matmul_size": args.matmul_size,
-                             "matmul_seconds": args.matmul_seconds})
+                             "matmul_seconds": args.matmul_seconds},
+                           prepare=prepare)
     matmul_gflops = machine.get("matmul_gflops", {})
     warmup_input = None if args.no_warmup else write_warmup_phantom(work_dir / "warmup.nii.gz")
 
@@ -1069,7 +1096,7 @@ def run_benchmark(args, inputs: list[Path], work_dir: Path) -> dict:
                 "output": str(case_dir / name),
                 "warmup_input": None if warmup_input is None else str(warmup_input),
                 "warmup_output": str(case_dir / f"{name}_warmup"),
-            })
+            }, prepare=prepare)
             if "error" not in result:
                 derive_engine_numbers(result, matmul_gflops)
             case[name] = result
@@ -1083,7 +1110,7 @@ def run_benchmark(args, inputs: list[Path], work_dir: Path) -> dict:
                 "device": args.device, "threads": threads, "precision": precision,
                 "window": args.window_3d, "spacing_mm_xyz": list(args.spacing_3d_mm),
                 "overlap": args.overlap_3d,
-            })
+            }, prepare=prepare)
         case["targets"] = evaluate_targets(case)
         cases.append(case)
 
@@ -1092,6 +1119,8 @@ def run_benchmark(args, inputs: list[Path], work_dir: Path) -> dict:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "cpu": cpu,
         "threads": threads,
+        "process_settings": ("freed memory kept, imports frozen" if prepare
+                             else "system defaults"),
         "machine": machine,
         "load_average": {"before": load_before, "after": os.getloadavg()[0]},
         "weights": weights,

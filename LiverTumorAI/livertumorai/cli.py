@@ -242,7 +242,9 @@ def _hint_for(error: BaseException, code: str) -> str:
 
 def _run_segment(args) -> int:
     from .pipeline import SegmentOptions, segment_ct
+    from .runtime import prepare_process
 
+    prepare_process()  # this process runs one job: keep freed memory, freeze the imports
     mode = _progress_mode(args)
     printer = _ProgressPrinter(mode)
     cancel = _CancelFlag()
