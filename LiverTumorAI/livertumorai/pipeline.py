@@ -88,7 +88,7 @@ class SegmentOptions:
         precision: 'auto', 'fp32', 'bf16' or 'fp16' (autocast); 'auto' picks bf16 on CPUs
             with native support, fp16 on CUDA, else fp32.
         plain: reference path for benchmarks: every slice through both networks, fp32,
-            default memory layout, no gating.
+            default memory layout, no gating, the U-Net's whole input.
         threads: CPU threads for torch; None uses every core this process may use.
         write_labelmap: also write `labels.nii.gz` (uint8 0/1/2).
         write_probability_map: also write `tumor_probability.nii.gz` (uint8, 0..255).
@@ -259,7 +259,7 @@ def segment_ct(
             maps = segment_slices(
                 segmenter, stack_hu, segmenter_prep, slice_indices, device, autocast_dtype,
                 batch_size=options.batch_size, channels_last=channels_last,
-                fuse=not options.plain,
+                fuse=not options.plain, crop_to_image=not options.plain,
                 progress=progress, cancel=cancel,
             )
         with clock.stage("postprocess", "cleaning up the label map and measuring lesions"):

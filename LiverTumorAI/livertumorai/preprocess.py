@@ -183,6 +183,21 @@ class SlicePreprocessor:
         return F.interpolate(canvas, size=self.stack_shape_rc, mode="bilinear",
                              align_corners=False)
 
+    def image_box(self, multiple: int) -> tuple[slice, slice]:
+        """Return the (rows, columns) box of the network input that the CT covers.
+
+        Each side starts and ends at a multiple of `multiple`, so a network that halves
+        its input log2(`multiple`) times pools the box on the same grid as the whole
+        input. The rest of the input is padding.
+        """
+        crop_slices, _ = self._overlap()
+        box = []
+        for part, size in zip(crop_slices, self.prep.input_size):
+            start = min(part.start // multiple * multiple, size - multiple)
+            stop = min(size, -(-part.stop // multiple) * multiple)
+            box.append(slice(start, max(stop, start + multiple)))
+        return tuple(box)
+
     def _crop(self, resampled: torch.Tensor, fill: float) -> torch.Tensor:
         height, width = self.prep.input_size
         out = torch.full((resampled.shape[0], resampled.shape[1], height, width), fill,

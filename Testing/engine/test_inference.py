@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from livertumorai.errors import ConfigurationError, RunCancelledError
@@ -139,3 +140,51 @@ def test_labels_from_maps_apply_threshold():
     assert labels[0, 6, 6] == 1
     assert labels.sum() == 3
     assert maps.labels(tumor_threshold=0.5)[0, 5, 5] == 1
+
+
+def test_image_box_covers_ct_on_pooling_grid():
+    # 512 columns of 0.57 mm span 146 pixels of 2 mm, centred in a 192-pixel input.
+    prep = Preprocessing(40, 400, 2.0, (192, 192), 2, 3.0)
+    preprocessor = SlicePreprocessor(prep, (10, 512, 512), (1.6, 0.57, 0.57), (255.5, 255.5))
+    covered, _ = preprocessor._overlap()
+
+    box = preprocessor.image_box(16)
+
+    assert box == (slice(16, 176), slice(16, 176))
+    for part, inside in zip(box, covered):
+        assert part.start % 16 == 0 and part.stop % 16 == 0
+        assert part.start <= inside.start and inside.stop <= part.stop
+
+
+def test_image_box_is_whole_input_when_ct_fills_it():
+    prep = Preprocessing(40, 400, 2.0, (64, 64), 1, 2.0)
+    preprocessor = SlicePreprocessor(prep, (4, 100, 100), (2.0, 2.0, 2.0), (50.0, 50.0))
+
+    assert preprocessor.image_box(16) == (slice(0, 64), slice(0, 64))
+
+
+def test_crop_to_image_agrees_with_whole_input(shared_data_dir):
+    """Bundled U-Net on a real CT cut to a 285 mm field of view: cropped input agrees."""
+    from livertumorai.geometry import ImageGeometry, axial_frame
+    from livertumorai.preprocess import body_center_rc
+    from livertumorai.weights import load_manifest, load_model
+
+    image = sitk.ReadImage(str(shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz"))
+    frame = axial_frame(ImageGeometry.from_image(image))
+    stack = np.ascontiguousarray(frame.to_axial(sitk.GetArrayFromImage(image)), np.float32)
+    stack = stack[:, 16:112, 16:112]  # 96 pixels of 2.97 mm
+    entry = load_manifest(None).model_for("segmentation")
+    model = load_model(entry, torch.device("cpu"))
+    preprocessor = SlicePreprocessor(entry.preprocessing, stack.shape, frame.spacing_mm,
+                                     body_center_rc(stack))
+    assert preprocessor.image_box(16) != (slice(0, 192), slice(0, 192))
+    slices = range(stack.shape[0])
+
+    whole = segment_slices(model, stack, preprocessor, slices, torch.device("cpu"))
+    cropped = segment_slices(model, stack, preprocessor, slices, torch.device("cpu"),
+                             crop_to_image=True)
+
+    liver_whole, liver_cropped = whole.foreground > 127, cropped.foreground > 127
+    assert liver_whole.sum() > 10_000
+    dice = 2 * np.sum(liver_whole & liver_cropped) / (liver_whole.sum() + liver_cropped.sum())
+    assert dice > 0.98
