@@ -253,9 +253,9 @@ def postprocess_labels(
     min_voxels = options.min_lesion_volume_mm3 / (voxel_ml * 1000.0)
     whole_liver, tumor = _remove_small_lesions(whole_liver, tumor, min_voxels, voxel_ml)
 
+    # Tumor lies inside the whole liver, so liver (1) plus tumor (1) gives LABEL_TUMOR.
     output = np.zeros(labels_zyx.shape, dtype=np.uint8)
-    output[region][whole_liver] = LABEL_LIVER
-    output[region][tumor] = LABEL_TUMOR
+    np.add(whole_liver, tumor, out=output[region], dtype=np.uint8)
     logger.info(
         "Post-processing done: whole liver %.1f mL, tumor %.2f mL.",
         np.count_nonzero(whole_liver) * voxel_ml,
@@ -380,35 +380,37 @@ def _remove_small_lesions(
     tumor_box = bounding_box(tumor)
     if min_voxels <= 0 or tumor_box is None:
         return whole_liver, tumor
-    component_ids, sizes = label_components_by_size(tumor[tumor_box])
-    num_kept = int(np.count_nonzero(sizes >= min_voxels))
-    if num_kept == sizes.size:
+    component_ids, sizes = label_components(tumor[tumor_box])
+    small_ids = np.flatnonzero(sizes < min_voxels) + 1
+    if small_ids.size == 0:
         return whole_liver, tumor
 
-    # Ids run by decreasing size, so the small components are the ids above num_kept.
-    # Component ids and the masks below cover the tumors' box, grown by one voxel so
-    # that the liver tissue around a tumor at the box's edge is seen.
-    grown = _grow_box(tumor_box, 1, tumor.shape)
-    padding = tuple(
-        (part.start - outer.start, outer.stop - part.stop) for part, outer in zip(tumor_box, grown)
-    )
-    component_ids = np.pad(component_ids, padding)
-    small = component_ids > num_kept
-    liver_tissue = whole_liver[grown] & ~tumor[grown]
-    detached = np.zeros_like(small)
-    # Each small component is checked in its own box grown by one voxel, which holds all
-    # its 26-neighbours; dilating the liver tissue of the whole tumor box cost more than
-    # the rest of this step on a CT with many lesions.
-    component_boxes = ndimage.find_objects(component_ids)
-    for component_id in range(num_kept + 1, sizes.size + 1):
-        around = _grow_box(component_boxes[component_id - 1], 1, component_ids.shape)
-        component = component_ids[around] == component_id
+    # Each small component is handled in its own box, grown by one voxel so that it holds
+    # all the component's 26-neighbours. Dilating the liver tissue of the whole tumor box
+    # cost more than the rest of this step on a CT with many lesions.
+    offset = [part.start for part in tumor_box]
+    component_boxes = ndimage.find_objects(component_ids, max_label=int(small_ids[-1]))
+    detached_voxels = 0
+    for component_id in small_ids:
+        inner = component_boxes[component_id - 1]
+        inner_full = tuple(slice(part.start + start, part.stop + start)
+                           for part, start in zip(inner, offset))
+        around = _grow_box(inner_full, 1, tumor.shape)
+        component = np.zeros([part.stop - part.start for part in around], dtype=bool)
+        component[tuple(slice(part.start - outer.start, part.stop - outer.start)
+                        for part, outer in zip(inner_full, around))] = (
+            component_ids[inner] == component_id)
         neighbours = ndimage.binary_dilation(component, structure=connectivity_26())
-        if not np.any(neighbours & liver_tissue[around]):
-            detached[around] |= component
+        liver_tissue = whole_liver[around] & ~tumor[around]
+        tumor[around] &= ~component
+        # Two small components never touch (they would be one), so the tissue around
+        # this one is the same before and after the others are relabelled.
+        if not np.any(neighbours & liver_tissue):
+            whole_liver[around] &= ~component
+            detached_voxels += int(sizes[component_id - 1])
 
-    small_voxels = int(sizes[num_kept:].sum())
-    detached_voxels = int(np.count_nonzero(detached))
+    num_kept = sizes.size - small_ids.size
+    small_voxels = int(sizes[small_ids - 1].sum())
     logger.info(
         "Post-processing relabelled %d of %d tumor components below %.1f mm3 (%d voxels, "
         "%.3f mL): %d voxels as liver and %d voxels not touching liver as background.",
@@ -420,8 +422,6 @@ def _remove_small_lesions(
         small_voxels - detached_voxels,
         detached_voxels,
     )
-    whole_liver[grown] &= ~detached
-    tumor[grown] &= ~small
     return whole_liver, tumor
 
 
