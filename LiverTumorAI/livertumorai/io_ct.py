@@ -880,10 +880,10 @@ def _sample_voxels(array: np.ndarray) -> np.ndarray:
 def _raise_to_hu_floor(image: sitk.Image, source: str) -> tuple[sitk.Image, list[str]]:
     """Raise voxels below `HU_FLOOR` (field-of-view padding) to it."""
     array = sitk.GetArrayViewFromImage(image)
-    num_below = int(np.count_nonzero(array < HU_FLOOR))
-    if num_below == 0:
+    lowest = float(array.min())  # one pass, without the mask that counting needs
+    if lowest >= HU_FLOOR:
         return image, []
-    lowest = float(array.min())
+    num_below = int(np.count_nonzero(array < HU_FLOOR))
     warning = (
         f"{num_below} voxels of {source} ({100.0 * num_below / array.size:.1f} %) were below "
         f"{HU_FLOOR:g} HU (lowest {lowest:g} HU), as in padding outside the field of view, "
