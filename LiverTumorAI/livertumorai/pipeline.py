@@ -14,7 +14,8 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -225,7 +226,7 @@ def segment_ct(
     segmenter_entry = manifest.model_for("segmentation")
 
     with OutputFolder(output_dir, overwrite=options.overwrite,
-                      protected_paths=[input_path]) as work_dir:
+                      protected_paths=[input_path]) as work_dir, ExitStack() as background:
         classifier = load_model(classifier_entry, device)
         segmenter = load_model(segmenter_entry, device)
 
@@ -269,6 +270,12 @@ def segment_ct(
                 PostprocessOptions(min_lesion_volume_mm3=options.min_lesion_volume_mm3),
                 slice_axis_zyx=frame.input_slice_axis_zyx,
             )
+            # The files that need only the label map are written by a second thread from
+            # here on, while this one measures and draws the overview. Both threads spend
+            # most of their time in code that releases the GIL (cc3d, NumPy, SimpleITK).
+            label_writes = _LabelWrites(work_dir, geometry, frame, labels_zyx, maps,
+                                        probabilities, options)
+            background.enter_context(label_writes)
             measurements = measure(labels_zyx, geometry, frame)
         _raise_if_cancelled(cancel)
 
@@ -278,8 +285,11 @@ def segment_ct(
                 measurements, options,
                 [classifier_entry, segmenter_entry], manifest, device, autocast_dtype, threads,
             )
-            _write_outputs(work_dir, ct, geometry, frame, stack_hu, labels_zyx, maps,
-                           probabilities, measurements, data, options)
+            if options.write_overview:
+                _write_overview(work_dir, ct, frame, stack_hu, labels_zyx, probabilities,
+                                measurements, data)
+            data["outputs"] = {**label_writes.wait(), **data["outputs"],
+                               "report": OUTPUT_FILES["report"]}
         # The report is written last so it can carry the timing of every stage.
         data["timings_s"] = {k: round(v, 3) for k, v in clock.timings_s.items()}
         data["timings_s"]["total"] = round(time.perf_counter() - start, 3)
@@ -422,9 +432,34 @@ def _report_data(ct: LoadedCT, geometry, frame, stack_shape, center_rc, probabil
     }
 
 
-def _write_outputs(work_dir: Path, ct, geometry, frame, stack_hu, labels_zyx,
-                   maps: SegmentationMaps, probabilities, measurements, data, options) -> None:
-    outputs = data["outputs"]
+class _LabelWrites:
+    """Write the outputs that need only the label map, on a second thread.
+
+    Used as a context manager, so that the thread has finished before the output folder
+    is completed or discarded. `wait` returns the written outputs by key and raises what
+    the thread raised.
+    """
+
+    def __init__(self, work_dir: Path, geometry, frame, labels_zyx, maps: SegmentationMaps,
+                 probabilities, options: SegmentOptions) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="livertumorai-write")
+        self._future = self._pool.submit(_write_label_outputs, work_dir, geometry, frame,
+                                         labels_zyx, maps, probabilities, options)
+
+    def wait(self) -> dict[str, str]:
+        return self._future.result()
+
+    def __enter__(self) -> "_LabelWrites":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def _write_label_outputs(work_dir: Path, geometry, frame, labels_zyx,
+                         maps: SegmentationMaps, probabilities, options) -> dict[str, str]:
+    """Write the segmentation, the slice table and the optional maps; return them by key."""
+    outputs = {}
     write_segmentation_nrrd(labels_zyx, geometry, work_dir / OUTPUT_FILES["segmentation"])
     outputs["segmentation"] = OUTPUT_FILES["segmentation"]
     rows = _slice_rows(geometry, frame, probabilities, labels_zyx, maps.segmented_slices)
@@ -437,18 +472,21 @@ def _write_outputs(work_dir: Path, ct, geometry, frame, stack_hu, labels_zyx,
         write_probability_map(frame.from_axial(maps.tumor), geometry,
                               work_dir / OUTPUT_FILES["tumor_probability"])
         outputs["tumor_probability"] = OUTPUT_FILES["tumor_probability"]
-    if options.write_overview:
-        from .overview import write_overview_png  # matplotlib is imported only when needed
+    return outputs
 
-        stack_labels = frame.to_axial(labels_zyx)
-        lesion_slices = _lesion_stack_slices(measurements, frame, stack_hu.shape[0])
-        write_overview_png(
-            work_dir / OUTPUT_FILES["overview"], stack_hu, stack_labels, frame.spacing_mm,
-            probabilities, lesion_slices, title=f"{Path(str(ct.source_path)).name}: "
-            f"{data['summary']['message']}",
-        )
-        outputs["overview"] = OUTPUT_FILES["overview"]
-    outputs["report"] = OUTPUT_FILES["report"]
+
+def _write_overview(work_dir: Path, ct, frame, stack_hu, labels_zyx, probabilities,
+                    measurements, data) -> None:
+    from .overview import write_overview_png  # matplotlib is imported only when needed
+
+    stack_labels = frame.to_axial(labels_zyx)
+    lesion_slices = _lesion_stack_slices(measurements, frame, stack_hu.shape[0])
+    write_overview_png(
+        work_dir / OUTPUT_FILES["overview"], stack_hu, stack_labels, frame.spacing_mm,
+        probabilities, lesion_slices, title=f"{Path(str(ct.source_path)).name}: "
+        f"{data['summary']['message']}",
+    )
+    data["outputs"]["overview"] = OUTPUT_FILES["overview"]
 
 
 def _lesion_stack_slices(measurements: Measurements, frame: AxialFrame,
