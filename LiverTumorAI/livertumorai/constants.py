@@ -42,9 +42,10 @@ DEFAULT_MIN_LESION_VOLUME_MM3 = 65.0
 # Tumor probability from which a voxel is labelled tumor (softmax output, 0..1).
 DEFAULT_TUMOR_THRESHOLD = 0.5
 # U-Net slices per batch (the classifier takes twice as many). On the idle 2-core AMX CPU of
-# benchmarks/BENCHMARKS.md, batches of 8 ran the fused U-Net as fast as 16 or up to 1.3 times
-# faster, and 32 and 64 were slower. On a CPU busy with other jobs, larger batches can be faster.
-DEFAULT_BATCH_SIZE = 8
+# benchmarks/BENCHMARKS.md, with freed memory kept for reuse (livertumorai.runtime), the
+# fused U-Net ran 2.79 ms per slice in batches of 16 against 3.10 ms in batches of 8, and
+# 32 gave no further gain.
+DEFAULT_BATCH_SIZE = 16
 
 
 @dataclass(frozen=True)
