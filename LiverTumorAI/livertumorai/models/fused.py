@@ -16,8 +16,8 @@ rounding:
   into ``conv(up, W_up) + conv(skip, W_skip)``. The sum is fused into the second call.
 - Weights are stored once in the compute dtype and channels-last layout, so no autocast
   cast runs per batch.
-- 2x2 max pooling is the maximum of four strided views. `max_pool2d` also writes int64
-  indices, and took about four times as long on the U-Net's first level.
+- 2x2 max pooling is the maximum of strided views, rows first. `max_pool2d` also writes
+  int64 indices, and took about four times as long on the U-Net's first level.
 
 The copies contain no training state and expect inputs already in their dtype and layout
 (`FusedNetwork.prepare_input`). `flop_reference` keeps the original network, because
@@ -136,9 +136,11 @@ class _MaxPool2x2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
         x = x[..., :height, :width]
-        rows_even = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
-        rows_odd = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
-        return torch.maximum(rows_even, rows_odd)
+        # Rows first: in channels-last layout a row is one contiguous block, so the first
+        # maximum reads whole blocks and halves the data before the strided column step.
+        # This ran in two thirds of the time of four strided views in bf16.
+        rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+        return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 def _as_pair(value) -> tuple:
