@@ -36,6 +36,7 @@ __all__ = [
     "gate_slices",
     "segment_slices",
     "SegmentationMaps",
+    "LiverEnds",
 ]
 
 ProgressCallback = Callable[[str, int, int, str], None]  # (stage, done, total, message)
@@ -119,23 +120,20 @@ def _check_cancel(cancel: CancelCheck | None) -> None:
         raise RunCancelledError("the run was cancelled", "Start it again when ready.")
 
 
-def _softmax_batches(network, stack_hu, preprocessor, indices, batch_size, cancel,
-                     box_rc: tuple[slice, slice] | None = None):
-    """Yield (slice indices, float32 softmax probabilities) batch by batch.
+def _softmax(network, stack_hu, preprocessor, batch, box_rc=None) -> torch.Tensor:
+    """Return float32 softmax probabilities of one batch of slices.
 
     `network` is a `_PreparedNetwork`. With `box_rc` only that (rows, columns) box of the
-    network input runs, and the probabilities cover the box.
+    network input runs, and the probabilities cover the box. Call under
+    `torch.inference_mode`.
     """
-    with torch.inference_mode():
-        for batch in _batches(indices, batch_size):
-            _check_cancel(cancel)
-            images = preprocessor.images(stack_hu, batch)
-            if box_rc is not None:
-                images = images[(slice(None), slice(None)) + box_rc]
-            images = network.prepare_input(images.to(network.device))
-            with network.autocast():
-                logits = network.model(images)
-            yield batch, torch.softmax(logits.float(), dim=1)
+    images = preprocessor.images(stack_hu, batch)
+    if box_rc is not None:
+        images = images[(slice(None), slice(None)) + box_rc]
+    images = network.prepare_input(images.to(network.device))
+    with network.autocast():
+        logits = network.model(images)
+    return torch.softmax(logits.float(), dim=1)
 
 
 @dataclass
@@ -190,9 +188,10 @@ def classify_slices(
     probabilities = np.zeros((len(indices), 3), dtype=np.float32)
     network = _prepare_network(model, device, autocast_dtype, channels_last, fuse)
     done = 0
-    for batch, batch_probabilities in _softmax_batches(
-        network, stack_hu, preprocessor, indices, batch_size, cancel,
-    ):
+    for batch in _batches(indices, batch_size):
+        _check_cancel(cancel)
+        with torch.inference_mode():
+            batch_probabilities = _softmax(network, stack_hu, preprocessor, batch)
         probabilities[batch] = batch_probabilities.cpu().numpy()
         done += len(batch)
         if progress:
@@ -244,6 +243,32 @@ class SegmentationMaps:
         return labels
 
 
+@dataclass(frozen=True)
+class LiverEnds:
+    """Stop segmenting beyond the ends of the liver the U-Net finds.
+
+    The U-Net starts with the batch around `seed_slice` and works outwards, one batch
+    at a time in each direction. A direction stops once it has found liver and then
+    `empty_slices` consecutive slices with no pixel whose P(liver or tumor) reaches
+    `empty_below`. Liver beyond such a gap cannot join the liver found so far, so
+    post-processing, which keeps the largest liver component and drops tumor far from
+    it, would remove it anyway. A direction that never finds liver runs to its end, and
+    when the first batch holds no liver every slice runs.
+
+    Attributes:
+        seed_slice: stack index to start from, such as the slice where the classifier's
+            liver probability is highest.
+        empty_slices: consecutive liver-free slices that end a direction; make them
+            span more than the tumor's distance tolerance.
+        empty_below: P(liver or tumor) below which a pixel counts as empty; below the
+            tumor threshold and 0.5, so that no pixel of an empty slice gets a label.
+    """
+
+    seed_slice: int
+    empty_slices: int
+    empty_below: float
+
+
 def segment_slices(
     model: nn.Module,
     stack_hu: np.ndarray,
@@ -257,6 +282,7 @@ def segment_slices(
     progress: ProgressCallback | None = None,
     cancel: CancelCheck | None = None,
     crop_to_image: bool = False,
+    liver_ends: LiverEnds | None = None,
 ) -> SegmentationMaps:
     """Run the U-Net on the given slices of an axial stack.
 
@@ -267,11 +293,14 @@ def segment_slices(
     is the U-Net's own zero padding at the edge of a smaller input, so the result changes
     only a little: on ircadb1.1 the liver Dice against the full input was 0.998 and the
     tumor Dice 0.996.
+
+    With `liver_ends` the U-Net skips the slices beyond the liver's ends (see
+    `LiverEnds`); `segmented_slices` lists the slices it ran on.
     """
     shape = stack_hu.shape
     foreground = np.zeros(shape, dtype=np.uint8)
     tumor = np.zeros(shape, dtype=np.uint8)
-    indices = [int(i) for i in slice_indices]
+    indices = sorted({int(i) for i in slice_indices})
     network = _prepare_network(model, device, autocast_dtype, channels_last, fuse)
     box_rc = None
     multiple = getattr(model, "downsampling_factor", None)
@@ -279,15 +308,18 @@ def segment_slices(
         box_rc = preprocessor.image_box(int(multiple))
         logger.debug("U-Net input cropped to rows %d:%d and columns %d:%d of the CT's extent.",
                      box_rc[0].start, box_rc[0].stop, box_rc[1].start, box_rc[1].stop)
-    done = 0
-    for batch, probabilities in _softmax_batches(network, stack_hu, preprocessor, indices,
-                                                 batch_size, cancel, box_rc):
+    order = _BatchOrder(indices, batch_size, liver_ends)
+    while (batch := order.next_batch()) is not None:
+        _check_cancel(cancel)
+        with torch.inference_mode():
+            probabilities = _softmax(network, stack_hu, preprocessor, batch, box_rc)
         # Only P(liver or tumor) and P(tumor) are kept, so only they are mapped back. They
         # are scaled to 0..255 and offset by a half before the interpolation, which is
         # linear with weights summing to one: the full-size maps then need only the cast
         # to uint8, whose truncation rounds to the nearest level.
         foreground_and_tumor = torch.stack([1.0 - probabilities[:, 0], probabilities[:, 2]],
                                            dim=1)
+        order.record(foreground_and_tumor[:, 0].flatten(1).amax(dim=1).tolist())
         foreground_and_tumor.clamp_(0.0, 1.0).mul_(_PROBABILITY_SCALE).add_(0.5)
         if box_rc is not None:  # outside the box is background: probability 0, plus 0.5
             whole = foreground_and_tumor.new_full((len(batch), 2, *preprocessor.prep.input_size),
@@ -298,11 +330,106 @@ def segment_slices(
         restored = restored.to(torch.uint8).cpu().numpy()
         foreground[batch] = restored[:, 0]
         tumor[batch] = restored[:, 1]
-        done += len(batch)
         if progress:
+            done = len(order.done)
             progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")
+    if len(order.done) < len(indices):
+        logger.info("The U-Net ran on %d of %d slices: the others lie beyond the liver's ends.",
+                    len(order.done), len(indices))
     return SegmentationMaps(foreground=foreground, tumor=tumor,
-                            segmented_slices=np.asarray(indices, dtype=np.int64))
+                            segmented_slices=np.asarray(sorted(order.done), dtype=np.int64))
+
+
+class _BatchOrder:
+    """Hand out batches of slice indices: in order, or outwards from a seed (`LiverEnds`).
+
+    Call `next_batch` for the next batch (None when finished) and then `record` with the
+    highest P(liver or tumor) of each of its slices.
+    """
+
+    def __init__(self, indices: list[int], batch_size: int,
+                 liver_ends: LiverEnds | None) -> None:
+        self.indices = indices
+        self.batch_size = max(1, batch_size)
+        self.liver_ends = liver_ends
+        self.done: list[int] = []
+        self._batch: list[int] = []
+        self._direction = 0  # 0: first batch or in order; +1 upwards; -1 downwards
+        # Per direction: position of the next slice in `indices`, liver seen, and the
+        # number of empty slices at the outer end of what has run.
+        self._next = {+1: 0, -1: -1}
+        self._seen = {+1: False, -1: False}
+        self._empty_run = {+1: 0, -1: 0}
+        self._stopped = {+1: False, -1: False}
+        # Without `liver_ends`, or once the first batch holds no liver, every slice not
+        # yet run is pending and runs in order.
+        self._pending: list[int] | None = list(indices) if liver_ends is None else None
+        if liver_ends is not None:
+            seed = int(np.searchsorted(indices, liver_ends.seed_slice))
+            start = min(max(0, seed - self.batch_size // 2),
+                        max(0, len(indices) - self.batch_size))
+            self._next = {+1: start, -1: start - 1}
+
+    def next_batch(self) -> list[int] | None:
+        if self._pending is not None:
+            self._batch = self._pending[:self.batch_size]
+            del self._pending[:self.batch_size]
+            return self._batch or None
+        if not self.done:  # the first batch, around the seed
+            start = self._next[+1]
+            self._batch = self.indices[start:start + self.batch_size]
+            self._direction = 0
+            return self._batch
+        for direction in (+1, -1):
+            if self._stopped[direction] or not self._has_more(direction):
+                continue
+            position = self._next[direction]
+            if direction > 0:
+                self._batch = self.indices[position:position + self.batch_size]
+            else:
+                self._batch = self.indices[max(0, position - self.batch_size + 1):position + 1]
+            self._direction = direction
+            return self._batch
+        return None
+
+    def record(self, peak_foreground: Sequence[float]) -> None:
+        self.done.extend(self._batch)
+        if self._pending is not None:
+            return
+        empty = [value < self.liver_ends.empty_below for value in peak_foreground]
+        if self._direction == 0:
+            self._next[+1] += len(self._batch)
+            if all(empty):  # no liver where the classifier saw most: run every slice
+                done = set(self.done)
+                self._pending = [index for index in self.indices if index not in done]
+                return
+            for direction, outward in ((+1, empty), (-1, empty[::-1])):
+                self._seen[direction] = True
+                self._empty_run[direction] = _trailing_true(outward)
+        else:
+            direction = self._direction
+            outward = empty if direction > 0 else empty[::-1]
+            self._next[direction] += direction * len(self._batch)
+            for is_empty in outward:
+                self._empty_run[direction] = self._empty_run[direction] + 1 if is_empty else 0
+                self._seen[direction] |= not is_empty
+        for direction in (+1, -1):
+            if self._seen[direction] and self._empty_run[direction] >= self.liver_ends.empty_slices:
+                self._stopped[direction] = True
+
+    def _has_more(self, direction: int) -> bool:
+        position = self._next[direction]
+        return 0 <= position < len(self.indices)
+
+
+def _trailing_true(flags: Sequence[bool]) -> int:
+    """Return how many values at the end of `flags` are True."""
+    count = 0
+    for flag in reversed(flags):
+        if not flag:
+            break
+        count += 1
+    return count
 
 
 def default_thread_count() -> int:

@@ -34,6 +34,7 @@ from .errors import ConfigurationError, RunCancelledError
 from .geometry import AxialFrame, ImageGeometry, axial_frame
 from .inference import (
     CancelCheck,
+    LiverEnds,
     ProgressCallback,
     SegmentationMaps,
     classify_slices,
@@ -262,6 +263,8 @@ def segment_ct(
                 batch_size=options.batch_size, channels_last=channels_last,
                 fuse=not options.plain, crop_to_image=not options.plain,
                 progress=progress, cancel=cancel,
+                liver_ends=_liver_ends(probabilities, slice_indices, frame, options) if gated
+                else None,
             )
         with clock.stage("postprocess", "cleaning up the label map and measuring lesions"):
             labels_zyx = frame.from_axial(maps.labels(options.tumor_threshold))
@@ -298,6 +301,27 @@ def segment_ct(
 
     logger.info("Done in %.1f s: %s", time.perf_counter() - start, data["summary"]["message"])
     return Report(output_dir=output_dir, measurements=measurements, data=data)
+
+
+def _liver_ends(probabilities: np.ndarray, slice_indices: np.ndarray, frame: AxialFrame,
+                options: SegmentOptions) -> LiverEnds | None:
+    """Return where the U-Net starts and when it stops beyond the liver's ends.
+
+    It starts at the gated slice with the highest classifier liver probability. A
+    direction ends after a liver-free gap as long as the gating margin, and longer than
+    the distance within which post-processing keeps tumor outside the liver. A pixel
+    counts as liver-free below nine tenths of the lower of 0.5 and the tumor threshold.
+    """
+    if len(slice_indices) == 0:
+        return None
+    liver_probability = probabilities[slice_indices, 1] + probabilities[slice_indices, 2]
+    gap_mm = max(options.gating_margin_mm,
+                 PostprocessOptions().tumor_outside_liver_tolerance_mm)
+    return LiverEnds(
+        seed_slice=int(slice_indices[int(np.argmax(liver_probability))]),
+        empty_slices=math.ceil(gap_mm / frame.spacing_mm[0]) + 1,
+        empty_below=0.9 * min(0.5, options.tumor_threshold),
+    )
 
 
 def _raise_if_cancelled(cancel: CancelCheck | None) -> None:

@@ -9,6 +9,8 @@ import torch
 
 from livertumorai.errors import ConfigurationError, RunCancelledError
 from livertumorai.inference import (
+    LiverEnds,
+    _BatchOrder,
     classify_slices,
     gate_slices,
     segment_slices,
@@ -188,3 +190,53 @@ def test_crop_to_image_agrees_with_whole_input(shared_data_dir):
     assert liver_whole.sum() > 10_000
     dice = 2 * np.sum(liver_whole & liver_cropped) / (liver_whole.sum() + liver_cropped.sum())
     assert dice > 0.98
+
+
+def _run_order(indices, liver, batch_size, seed, empty_slices):
+    """Return the slices `_BatchOrder` runs when the slices in `liver` hold liver."""
+    order = _BatchOrder(indices, batch_size, LiverEnds(seed, empty_slices, 0.45))
+    while (batch := order.next_batch()) is not None:
+        order.record([0.9 if index in liver else 0.1 for index in batch])
+    return order.done
+
+
+def test_liver_ends_stop_after_empty_gap():
+    done = _run_order(list(range(129)), set(range(32, 129)), 16, 80, 7)
+
+    assert sorted(done) == list(range(24, 129))  # 8 empty slices below the liver, then stop
+    assert len(done) == len(set(done))
+
+
+def test_liver_ends_run_every_slice_without_liver_at_seed():
+    assert sorted(_run_order(list(range(60)), set(range(50, 55)), 8, 10, 3)) == list(range(60))
+    assert sorted(_run_order(list(range(60)), set(), 8, 10, 3)) == list(range(60))
+
+
+def test_liver_ends_keep_every_slice_of_liver_through_seed():
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        indices = sorted(rng.choice(200, size=int(rng.integers(1, 80)), replace=False).tolist())
+        low = int(rng.integers(0, 200))
+        high = low + int(rng.integers(0, 60))
+        liver = {i for i in indices if low <= i <= high}
+        seed = int(rng.choice(sorted(liver) or indices))
+        done = _run_order(indices, liver, int(rng.integers(1, 20)), seed,
+                          int(rng.integers(1, 8)))
+        assert len(done) == len(set(done)) and set(done) <= set(indices)
+        assert liver <= set(done)
+
+
+def test_liver_ends_leave_result_unchanged(shared_data_dir, tmp_path, monkeypatch):
+    """A pelvis-to-abdomen CT: fewer slices through the U-Net, the same segmentation."""
+    from livertumorai import pipeline
+
+    source = shared_data_dir / "fixtures" / "siemens_pelvis_abdomen_3mm.nii.gz"
+    with_ends = pipeline.segment_ct(source, tmp_path / "ends")
+    monkeypatch.setattr(pipeline, "_liver_ends", lambda *args: None)
+    without = pipeline.segment_ct(source, tmp_path / "all")
+
+    assert with_ends.data["slices"]["segmented"] < 0.8 * without.data["slices"]["segmented"]
+    assert with_ends.summary["liver_found"]
+    read = lambda folder: sitk.GetArrayFromImage(  # noqa: E731
+        sitk.ReadImage(str(folder / "segmentation.seg.nrrd")))
+    np.testing.assert_array_equal(read(tmp_path / "ends"), read(tmp_path / "all"))
