@@ -116,7 +116,7 @@ def _run_in_child(job: dict, prepare: bool = True) -> dict:
 
 
 def _apply_process_settings(job: dict) -> None:
-    """Apply the command line's process settings unless the job asks for the defaults.
+    """Apply the command line's process settings unless the job requests the defaults.
 
     Each job calls this after its imports, as the command line does, so that the imported
     objects are frozen and the import time is measured as before.

@@ -98,13 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: %(default)s)")
     segment.add_argument("--no-gating", action="store_true",
                          help="run the U-Net on every slice, not only where the classifier "
-                         "finds liver")
+                         "finds liver and up to the liver's ends")
     segment.add_argument("--gating-threshold", type=float, default=0.05, metavar="P",
                          help="classifier liver probability (0-1) from which a slice is "
                          "segmented (default: %(default)s)")
     segment.add_argument("--gating-margin-mm", type=float, default=10.0, metavar="MM",
                          help="also segment slices within this distance in mm of a gated "
-                         "slice (default: %(default)s)")
+                         "slice; the U-Net also stops after a liver-free gap this long "
+                         "(default: %(default)s)")
 
     segment.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, metavar="N",
                          help="slices per U-Net batch (the classifier takes twice as many); "
@@ -244,7 +245,7 @@ def _run_segment(args) -> int:
     from .pipeline import SegmentOptions, segment_ct
     from .runtime import prepare_process
 
-    prepare_process()  # this process runs one job: keep freed memory, freeze the imports
+    prepare_process()  # this process runs one job, so it keeps freed memory for reuse
     mode = _progress_mode(args)
     printer = _ProgressPrinter(mode)
     cancel = _CancelFlag()

@@ -253,7 +253,7 @@ class LiverEnds:
     `empty_below`. Liver beyond such a gap cannot join the liver found so far, so
     post-processing, which keeps the largest liver component and drops tumor far from
     it, would remove it anyway. A direction that never finds liver runs to its end, and
-    when the first batch holds no liver every slice runs.
+    when the first batch contains no liver every slice runs.
 
     Attributes:
         seed_slice: stack index to start from, such as the slice where the classifier's
@@ -289,10 +289,10 @@ def segment_slices(
     With `crop_to_image` the U-Net runs only on the part of its input that the CT covers
     (`SlicePreprocessor.image_box`), widened to the U-Net's size multiple. A CT with a
     field of view smaller than the input leaves a frame of padding, for example 16 % of
-    the rows and columns of a 292 mm scan in a 384 mm input. The padding is air (0), as
-    is the U-Net's own zero padding at the edge of a smaller input, so the result changes
-    only a little: on ircadb1.1 the liver Dice against the full input was 0.998 and the
-    tumor Dice 0.996.
+    the rows and columns of a 292 mm scan in a 384 mm input. The padding is air (0), and
+    so is the U-Net's own zero padding at the edge of a smaller input, so the result
+    changes only a little. On ircadb1.1 the liver Dice against the full input was 0.998
+    and the tumor Dice 0.996.
 
     With `liver_ends` the U-Net skips the slices beyond the liver's ends (see
     `LiverEnds`); `segmented_slices` lists the slices it ran on.
@@ -361,7 +361,7 @@ class _BatchOrder:
         self._seen = {+1: False, -1: False}
         self._empty_run = {+1: 0, -1: 0}
         self._stopped = {+1: False, -1: False}
-        # Without `liver_ends`, or once the first batch holds no liver, every slice not
+        # Without `liver_ends`, or once the first batch contains no liver, every slice not
         # yet run is pending and runs in order.
         self._pending: list[int] | None = list(indices) if liver_ends is None else None
         if liver_ends is not None:

@@ -83,9 +83,11 @@ class SegmentOptions:
         tumor_threshold: tumor probability (0..1) from which a voxel is labelled tumor.
         min_lesion_volume_mm3: tumor components smaller than this become liver.
         classifier_gating: run the U-Net only on slices the classifier finds liver in
-            (widened by `gating_margin_mm`); False runs it on every slice.
+            (widened by `gating_margin_mm`), and only up to the ends of the liver the U-Net
+            finds (`livertumorai.inference.LiverEnds`); False runs it on every slice.
         gating_threshold: liver probability (tumor plus no tumor) from which a slice is segmented.
-        gating_margin_mm: slices within this distance of a gated slice are segmented too.
+        gating_margin_mm: slices within this distance of a gated slice are segmented too,
+            and a liver-free gap this long ends the segmentation in that direction.
         batch_size: slices per network batch.
         precision: 'auto', 'fp32', 'bf16' or 'fp16' (autocast); 'auto' picks bf16 on CPUs
             with native support, fp16 on CUDA, else fp32.
@@ -457,7 +459,7 @@ def _report_data(ct: LoadedCT, geometry, frame, stack_shape, center_rc, probabil
 
 
 class _LabelWrites:
-    """Write the outputs that need only the label map, on a second thread.
+    """Writer of the outputs that need only the label map, on a second thread.
 
     Used as a context manager, so that the thread has finished before the output folder
     is completed or discarded. `wait` returns the written outputs by key and raises what

@@ -385,7 +385,7 @@ def _remove_small_lesions(
     if small_ids.size == 0:
         return whole_liver, tumor
 
-    # Each small component is handled in its own box, grown by one voxel so that it holds
+    # Each small component is handled in its own box, grown by one voxel so that it contains
     # all the component's 26-neighbours. Dilating the liver tissue of the whole tumor box
     # cost more than the rest of this step on a CT with many lesions.
     offset = [part.start for part in tumor_box]

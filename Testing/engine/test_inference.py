@@ -154,11 +154,13 @@ def test_image_box_covers_ct_on_pooling_grid():
 
     assert box == (slice(16, 176), slice(16, 176))
     for part, inside in zip(box, covered):
-        assert part.start % 16 == 0 and part.stop % 16 == 0
-        assert part.start <= inside.start and inside.stop <= part.stop
+        assert part.start % 16 == 0
+        assert part.stop % 16 == 0
+        assert part.start <= inside.start
+        assert inside.stop <= part.stop
 
 
-def test_image_box_is_whole_input_when_ct_fills_it():
+def test_image_box_whole_for_large_ct():
     prep = Preprocessing(40, 400, 2.0, (64, 64), 1, 2.0)
     preprocessor = SlicePreprocessor(prep, (4, 100, 100), (2.0, 2.0, 2.0), (50.0, 50.0))
 
@@ -193,7 +195,7 @@ def test_crop_to_image_agrees_with_whole_input(shared_data_dir):
 
 
 def _run_order(indices, liver, batch_size, seed, empty_slices):
-    """Return the slices `_BatchOrder` runs when the slices in `liver` hold liver."""
+    """Return the slices `_BatchOrder` runs when the slices in `liver` contain liver."""
     order = _BatchOrder(indices, batch_size, LiverEnds(seed, empty_slices, 0.45))
     while (batch := order.next_batch()) is not None:
         order.record([0.9 if index in liver else 0.1 for index in batch])
@@ -207,12 +209,12 @@ def test_liver_ends_stop_after_empty_gap():
     assert len(done) == len(set(done))
 
 
-def test_liver_ends_run_every_slice_without_liver_at_seed():
+def test_liver_ends_without_liver_at_seed():
     assert sorted(_run_order(list(range(60)), set(range(50, 55)), 8, 10, 3)) == list(range(60))
     assert sorted(_run_order(list(range(60)), set(), 8, 10, 3)) == list(range(60))
 
 
-def test_liver_ends_keep_every_slice_of_liver_through_seed():
+def test_liver_ends_keep_connected_liver():
     rng = np.random.default_rng(0)
     for _ in range(500):
         indices = sorted(rng.choice(200, size=int(rng.integers(1, 80)), replace=False).tolist())
@@ -222,7 +224,8 @@ def test_liver_ends_keep_every_slice_of_liver_through_seed():
         seed = int(rng.choice(sorted(liver) or indices))
         done = _run_order(indices, liver, int(rng.integers(1, 20)), seed,
                           int(rng.integers(1, 8)))
-        assert len(done) == len(set(done)) and set(done) <= set(indices)
+        assert len(done) == len(set(done))
+        assert set(done) <= set(indices)
         assert liver <= set(done)
 
 

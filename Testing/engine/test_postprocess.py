@@ -82,8 +82,8 @@ def test_small_lesion_becomes_liver():
 
 
 def test_small_speck_outside_liver_becomes_background():
-    # Tumor just outside the liver survives the tolerance rule; when small it must not
-    # turn into a liver island, while a small lesion inside the liver becomes liver.
+    # Tumor just outside the liver survives the tolerance rule. When it is small, it must
+    # not turn into a liver island. A small lesion inside the liver becomes liver.
     options = PostprocessOptions(min_lesion_volume_mm3=20.0)
     labels = _box_liver()
     labels[8:10, 10:12, 31:33] = LABEL_TUMOR  # 8 voxels, 2 mm beyond the liver's x edge
