@@ -326,10 +326,9 @@ def segment_slices(
                                                   0.5)
             whole[(slice(None), slice(None)) + box_rc] = foreground_and_tumor
             foreground_and_tumor = whole
-        restored = preprocessor.restore(foreground_and_tumor, fill=(0.5, 0.5))
-        restored = restored.to(torch.uint8).cpu().numpy()
-        foreground[batch] = restored[:, 0]
-        tumor[batch] = restored[:, 1]
+        restored = preprocessor.restore(foreground_and_tumor, fill=(0.5, 0.5)).cpu()
+        _store_uint8(foreground, batch, restored[:, 0])
+        _store_uint8(tumor, batch, restored[:, 1])
         if progress:
             done = len(order.done)
             progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")
@@ -338,6 +337,18 @@ def segment_slices(
                     len(order.done), len(indices))
     return SegmentationMaps(foreground=foreground, tumor=tumor,
                             segmented_slices=np.asarray(sorted(order.done), dtype=np.int64))
+
+
+def _store_uint8(stack: np.ndarray, batch: list[int], maps: torch.Tensor) -> None:
+    """Write float `maps` (batch, rows, columns) into the uint8 `stack` at slices `batch`.
+
+    The cast truncates. Consecutive slices are written in place through a view, which
+    saves the intermediate uint8 copy.
+    """
+    if batch == list(range(batch[0], batch[0] + len(batch))):
+        torch.from_numpy(stack[batch[0]:batch[0] + len(batch)]).copy_(maps)
+    else:
+        stack[batch] = maps.to(torch.uint8).numpy()
 
 
 class _BatchOrder:
