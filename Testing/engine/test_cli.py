@@ -412,3 +412,23 @@ def test_output_write_error_exit_code():
     error = OutputWriteError("The output folder /x cannot be created.", "Choose another.")
 
     assert cli._exit_code_for(error) == (cli.EXIT_OUTPUT_WRITE, "output_write")
+
+
+def test_write_thread_error_exit_code(shared_data_dir, tiny_weights, tmp_path, capsys,
+                                      monkeypatch):
+    """A disk-full error on the label-writing thread ends the run like any write error."""
+    from livertumorai import pipeline
+
+    def fail_like_a_full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_segmentation_nrrd", fail_like_a_full_disk)
+    output = tmp_path / "out"
+
+    status = main(["segment", str(shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz"),
+                   "-o", str(output), "--weights", str(tiny_weights)])
+
+    assert status == cli.EXIT_OUTPUT_WRITE
+    assert "No space left on device" in capsys.readouterr().err
+    assert not output.exists()
+    _no_partial_folders(tmp_path)
