@@ -66,7 +66,7 @@ STDERR_TAIL_LINES = 60
 # PYTHONPATH (PythonSlicer sets its own paths).
 _ENGINE_BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv.pop(1)); "
-    "from livertumorai.cli import main; sys.exit(main())"
+    "from livertumorai.cli import run; run()"
 )
 _DEVICE_PROBE = (
     "import json, torch; cuda = torch.cuda.is_available(); "

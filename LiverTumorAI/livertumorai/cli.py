@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 from pathlib import Path
 
 from . import __version__
@@ -193,7 +194,10 @@ def _configure_logging(quiet: bool, verbose: int) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    # -v and -vv open the engine's own log; other libraries (torch logs cache statistics
+    # at INFO) still report only warnings and errors.
+    root.setLevel(max(level, logging.WARNING))
+    logging.getLogger(__package__).setLevel(level)
 
 
 def _progress_mode(args) -> str:
@@ -242,14 +246,23 @@ def _hint_for(error: BaseException, code: str) -> str:
 
 
 def _run_segment(args) -> int:
-    from .pipeline import SegmentOptions, segment_ct
-    from .runtime import prepare_process
+    mode = _progress_mode(args)
+    cancel = _CancelFlag()
+    # Installed before the engine's imports (about 1.3 s), so that a signal during them
+    # also cancels the run instead of ending it with a traceback.
+    cancel.install()
+    try:
+        from .pipeline import SegmentOptions, segment_ct
+        from .runtime import prepare_process
+    except KeyboardInterrupt:  # a second signal during the imports
+        return _report_failure(RunCancelledError("The run was interrupted.",
+                                                 "Start it again when ready."), args, mode)
+    if cancel():
+        return _report_failure(RunCancelledError("The run was cancelled before it started.",
+                                                 "Start it again when ready."), args, mode)
 
     prepare_process()  # this process runs one job, so it keeps freed memory for reuse
-    mode = _progress_mode(args)
     printer = _ProgressPrinter(mode)
-    cancel = _CancelFlag()
-    cancel.install()
     options = SegmentOptions(
         device=args.device, weights=args.weights, tumor_threshold=args.tumor_threshold,
         min_lesion_volume_mm3=args.min_lesion_mm3, classifier_gating=not args.no_gating,
@@ -264,19 +277,8 @@ def _run_segment(args) -> int:
     except (Exception, KeyboardInterrupt) as error:  # every failure becomes an exit code
         printer.close()
         if isinstance(error, KeyboardInterrupt):
-            error = RunCancelledError("the run was interrupted", "Start it again when ready.")
-        status, code = _exit_code_for(error)
-        message = error.message if isinstance(error, LiverTumorAIError) else str(error)
-        if code == "output_write" and not isinstance(error, LiverTumorAIError):
-            message = f"Writing the outputs to {Path(args.output).resolve()} failed: {message}"
-        hint = _hint_for(error, code)
-        if status == EXIT_UNEXPECTED:
-            logger.exception("unexpected error")
-        if mode == "json":
-            emit_json({"event": "error", "code": code, "message": message, "hint": hint})
-        if not args.quiet or mode != "json":
-            sys.stderr.write(f"error: {message}\n" + (f"hint: {hint}\n" if hint else ""))
-        return status
+            error = RunCancelledError("The run was interrupted.", "Start it again when ready.")
+        return _report_failure(error, args, mode)
     printer.close()
     if mode == "json":
         emit_json({"event": "done", "output_dir": str(report.output_dir),
@@ -285,6 +287,22 @@ def _run_segment(args) -> int:
         print(f"{report.summary['message']}")
         print(f"outputs: {report.output_dir}")
     return EXIT_OK
+
+
+def _report_failure(error: BaseException, args, mode: str) -> int:
+    """Print `error` as the command line reports failures and return its exit status."""
+    status, code = _exit_code_for(error)
+    message = error.message if isinstance(error, LiverTumorAIError) else str(error)
+    if code == "output_write" and not isinstance(error, LiverTumorAIError):
+        message = f"Writing the outputs to {Path(args.output).resolve()} failed: {message}"
+    hint = _hint_for(error, code)
+    if status == EXIT_UNEXPECTED:
+        logger.exception("unexpected error")
+    if mode == "json":
+        emit_json({"event": "error", "code": code, "message": message, "hint": hint})
+    if not args.quiet or mode != "json":
+        sys.stderr.write(f"error: {message}\n" + (f"hint: {hint}\n" if hint else ""))
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -297,5 +315,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
+def run(argv: Sequence[str] | None = None) -> NoReturn:
+    """Run the `livertumorai` program: `main`, then exit with its status.
+
+    Once the status is decided, SIGINT and SIGTERM are ignored. The interpreter's shutdown
+    with torch loaded takes about 0.2 s, and Python restores the default action of a
+    signal it handled, so a signal then would end the process with status 130 or 143
+    after the outputs were complete. Python leaves ignored signals ignored.
+    """
+    status = main(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -117,7 +117,7 @@ def _batches(indices: Sequence[int], batch_size: int):
 
 def _check_cancel(cancel: CancelCheck | None) -> None:
     if cancel is not None and cancel():
-        raise RunCancelledError("the run was cancelled", "Start it again when ready.")
+        raise RunCancelledError("The run was cancelled.", "Start it again when ready.")
 
 
 def _softmax(network, stack_hu, preprocessor, batch, box_rc=None) -> torch.Tensor:
@@ -333,8 +333,12 @@ def segment_slices(
             done = len(order.done)
             progress("segment", done, len(indices), f"segmented {done} of {len(indices)} slices")
     if len(order.done) < len(indices):
+        done = len(order.done)
         logger.info("The U-Net ran on %d of %d slices: the others lie beyond the liver's ends.",
-                    len(order.done), len(indices))
+                    done, len(indices))
+        if progress:  # the last event reaches its total, so a progress bar completes
+            progress("segment", done, done, f"segmented {done} slices; the other "
+                     f"{len(indices) - done} lie beyond the liver's ends")
     return SegmentationMaps(foreground=foreground, tumor=tumor,
                             segmented_slices=np.asarray(sorted(order.done), dtype=np.int64))
 

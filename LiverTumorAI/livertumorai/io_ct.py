@@ -776,7 +776,7 @@ def _check_scalar_volume(image: sitk.Image, source: str) -> None:
             f"{source} is a {image.GetDimension()}-D image (size "
             f"{_format_size(image.GetSize())}), but a CT volume is 3-D.",
             "Pass a single 3-D CT volume, and split a time series (4-D) into its frames. "
-            "read_ct turns a 2-D slice into a volume of one slice.",
+            "A 2-D image file is read as a volume of one slice.",
         )
     size = image.GetSize()
     if sum(1 for n in size if n > 1) < 2:

@@ -184,6 +184,12 @@ def _check_not_protected(output_dir: Path, protected_paths: Sequence[str | os.Pa
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """Raise unless `output_dir` can be created or (with `overwrite`) replaced."""
     hint_exists = "Pass --overwrite to replace it, or choose another output folder."
+    if output_dir.is_symlink():
+        # The finished folder is renamed into place, which would replace the link itself.
+        raise ConfigurationError(
+            f"The output folder {output_dir} is a symbolic link to {os.readlink(output_dir)}.",
+            f"Pass the folder it points to ({output_dir.resolve()}) or another folder with -o.",
+        )
     if output_dir.is_file() or (_path_exists(output_dir) and not output_dir.is_dir()):
         if not overwrite:
             raise OutputExistsError(

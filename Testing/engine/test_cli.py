@@ -432,3 +432,64 @@ def test_write_thread_error_exit_code(shared_data_dir, tiny_weights, tmp_path, c
     assert "No space left on device" in capsys.readouterr().err
     assert not output.exists()
     _no_partial_folders(tmp_path)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_imports_cancels(shared_data_dir, tiny_weights, tmp_path, signum):
+    """A signal while the engine's libraries import: exit code 6, no traceback."""
+    source = shared_data_dir / "fixtures" / "ircadb1.17_small_axial_lps.nii.gz"
+    output = tmp_path / "out"
+    # The command line imports torch and the engine after parsing its arguments. Those
+    # imports take about 1 s or more, so a signal 0.3 s after start arrives during them.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "livertumorai", "segment", str(source), "-o", str(output),
+         "--weights", str(tiny_weights)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        process.communicate(timeout=0.3)
+    except subprocess.TimeoutExpired:
+        pass
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == EXIT_CANCELLED, stderr
+    assert "Traceback" not in stderr
+    assert "cancelled" in stderr
+    assert not output.exists()
+    _no_partial_folders(tmp_path)
+
+
+def test_program_ignores_signals_after_status(tmp_path):
+    """After `run` has its status, SIGINT and SIGTERM no longer end the process."""
+    script = (
+        "import atexit, signal, sys\n"
+        "from livertumorai import cli\n"
+        "atexit.register(lambda: print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN,"
+        " signal.getsignal(signal.SIGTERM) is signal.SIG_IGN))\n"
+        f"cli.run(['segment', {str(tmp_path / 'missing.nii')!r}, '-o',"
+        f" {str(tmp_path / 'out')!r}])\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                               timeout=120)
+
+    assert completed.returncode == EXIT_INVALID_INPUT, completed.stderr
+    assert completed.stdout.split() == ["True", "True"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_symlinked_output_rejected(tiny_weights, tmp_path, capsys, overwrite):
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "keep.txt").write_text("earlier results")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+
+    status = main(["segment", str(tmp_path / "missing.nii"), "-o", str(link), "--weights",
+                   str(tiny_weights)] + (["--overwrite"] if overwrite else []))
+
+    assert status == EXIT_USAGE
+    assert "symbolic link" in capsys.readouterr().err
+    assert link.is_symlink()
+    assert sorted(path.name for path in target.iterdir()) == ["keep.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "target"]
