@@ -8,7 +8,7 @@
 # The bundled weights (mode bundled) then train on all three cases with the inside recipe
 # and have no held-out case. Mode classifier_sizes compares the classifier's input size
 # and width on the same held-out split. It trains one classifier on 192 x 192 pixels of
-# 2 mm and one twice as wide on 128 x 128 pixels of 3 mm, and evaluates each next to the
+# 2 mm and one twice as wide on 128 x 128 pixels of 3 mm. Each is evaluated next to the
 # U-Net of mode inside, so run modes synthetic and inside first. Run from the repository
 # root with the [train] extra installed. On a 2-core CPU each U-Net run took 13 to 20
 # minutes, longer when shared, and each classifier run 3 to 7 minutes.

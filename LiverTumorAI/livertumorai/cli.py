@@ -194,8 +194,8 @@ def _configure_logging(quiet: bool, verbose: int) -> None:
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    # -v and -vv open the engine's own log; other libraries (torch logs cache statistics
-    # at INFO) still report only warnings and errors.
+    # -v and -vv show the engine's own log. Other libraries still report only warnings
+    # and errors, because torch logs cache statistics at INFO.
     root.setLevel(max(level, logging.WARNING))
     logging.getLogger(__package__).setLevel(level)
 

@@ -260,8 +260,8 @@ class LiverEnds:
             liver probability is highest.
         empty_slices: consecutive liver-free slices that end a direction; make them
             span more than the tumor's distance tolerance.
-        empty_below: P(liver or tumor) below which a pixel counts as empty; below the
-            tumor threshold and 0.5, so that no pixel of an empty slice gets a label.
+        empty_below: P(liver or tumor) below which a pixel counts as empty. Keep it below
+            the tumor threshold and 0.5, so that no pixel of an empty slice gets a label.
     """
 
     seed_slice: int
@@ -369,7 +369,7 @@ class _BatchOrder:
         self.liver_ends = liver_ends
         self.done: list[int] = []
         self._batch: list[int] = []
-        self._direction = 0  # 0: first batch or in order; +1 upwards; -1 downwards
+        self._direction = 0  # 0 for the first batch, +1 upwards, -1 downwards
         # Per direction: position of the next slice in `indices`, liver seen, and the
         # number of empty slices at the outer end of what has run.
         self._next = {+1: 0, -1: -1}
@@ -414,7 +414,7 @@ class _BatchOrder:
         empty = [value < self.liver_ends.empty_below for value in peak_foreground]
         if self._direction == 0:
             self._next[+1] += len(self._batch)
-            if all(empty):  # no liver where the classifier saw most: run every slice
+            if all(empty):  # no liver around the seed, so every slice runs
                 done = set(self.done)
                 self._pending = [index for index in self.indices if index not in done]
                 return

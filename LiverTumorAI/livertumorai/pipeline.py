@@ -276,8 +276,8 @@ def segment_ct(
                 slice_axis_zyx=frame.input_slice_axis_zyx,
             )
             # The files that need only the label map are written by a second thread from
-            # here on, while this one measures and draws the overview. Both threads spend
-            # most of their time in code that releases the GIL (cc3d, NumPy, SimpleITK).
+            # here on, while this one measures and draws the overview. The second thread
+            # spends most of its time in SimpleITK and NumPy, which release the GIL.
             label_writes = _LabelWrites(work_dir, geometry, frame, labels_zyx, maps,
                                         probabilities, options)
             background.enter_context(label_writes)

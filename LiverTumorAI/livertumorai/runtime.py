@@ -14,8 +14,9 @@ Two defaults cost a one-CT run time without saving anything useful:
 
 `prepare_process` keeps freed memory in the process for reuse and moves the objects that
 exist so far out of the collector's reach (`gc.freeze`). Memory is then returned only
-when the process exits; peak memory does not grow. Libraries should leave both to the
-program that owns the process, so the engine does not call them itself.
+when the process exits, so the peak resident size grows: on the 512x512x129 CT of the
+benchmark it was 1.57 GB instead of 1.26 GB. Libraries should leave both to the program
+that owns the process, so the engine does not call them itself.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ __all__ = ["keep_freed_memory", "prepare_process"]
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
-DEFAULT_KEPT_BLOCK_BYTES = 1 << 30  # 1 GiB: larger than any array of a 512 x 512 x 1000 CT
+# 1 GiB: a float32 volume of 512 x 512 x 1000 voxels (1000 MiB) still fits.
+DEFAULT_KEPT_BLOCK_BYTES = 1 << 30
 
 
 def keep_freed_memory(max_block_bytes: int = DEFAULT_KEPT_BLOCK_BYTES) -> bool:
@@ -69,6 +71,6 @@ def prepare_process() -> bool:
     Returns:
         Whether the malloc setting was applied (see `keep_freed_memory`).
     """
-    kept = keep_freed_memory()
+    malloc_applied = keep_freed_memory()
     gc.freeze()  # objects created later are still collected as usual
-    return kept
+    return malloc_applied
